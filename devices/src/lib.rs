@@ -1,0 +1,8 @@
+//! Device models of minivmm. Devices know nothing about KVM: they see bus
+//! accesses and raise interrupts through event fds that the VMM wires to KVM.
+
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+
+pub use bus::BusDevice;

@@ -1,0 +1,90 @@
+//! Identity page tables for the 64-bit entry: PML4 -> one PDPT -> one page
+//! directory per GiB, each mapping 2 MiB pages. This covers RAM, the MMIO gap
+//! (IOAPIC, LAPIC, virtio-mmio) and RAM relocated above 4 GiB.
+
+use crate::layout::{IDENTITY_MAP_GIB, PD_START, PDPT_START, PML4_START};
+
+const PTE_PRESENT: u64 = 1 << 0;
+const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_PAGE_SIZE: u64 = 1 << 7;
+const ENTRIES: usize = 512;
+
+/// One page-table page to write at a guest-physical address.
+pub struct TablePage {
+    /// Guest-physical address of the page.
+    pub addr: u64,
+    /// Its 512 entries.
+    pub entries: Box<[u64; ENTRIES]>,
+}
+
+/// The page-table pages that identity-map the first `IDENTITY_MAP_GIB` GiB.
+pub fn identity_tables() -> Vec<TablePage> {
+    let mut pml4 = Box::new([0u64; ENTRIES]);
+    pml4[0] = PDPT_START | PTE_PRESENT | PTE_WRITABLE;
+    let mut pdpt = Box::new([0u64; ENTRIES]);
+    let mut pages = Vec::new();
+    for gib in 0..IDENTITY_MAP_GIB {
+        let pd_addr = PD_START + gib * 4096;
+        pdpt[gib as usize] = pd_addr | PTE_PRESENT | PTE_WRITABLE;
+        let mut pd = Box::new([0u64; ENTRIES]);
+        for (i, e) in pd.iter_mut().enumerate() {
+            *e = (gib << 30) | ((i as u64) << 21) | PTE_PRESENT | PTE_WRITABLE | PTE_PAGE_SIZE;
+        }
+        pages.push(TablePage {
+            addr: pd_addr,
+            entries: pd,
+        });
+    }
+    pages.push(TablePage {
+        addr: PML4_START,
+        entries: pml4,
+    });
+    pages.push(TablePage {
+        addr: PDPT_START,
+        entries: pdpt,
+    });
+    pages
+}
+
+/// Walk the tables like the MMU would and return the physical address that
+/// `virt` maps to (test helper for the layout, also used in diagnostics).
+pub fn translate(pages: &[TablePage], virt: u64) -> Option<u64> {
+    let lookup = |addr: u64| pages.iter().find(|p| p.addr == addr);
+    let pml4e = lookup(PML4_START)?.entries[((virt >> 39) & 0x1ff) as usize];
+    if pml4e & PTE_PRESENT == 0 {
+        return None;
+    }
+    let pdpte = lookup(pml4e & !0xfff)?.entries[((virt >> 30) & 0x1ff) as usize];
+    if pdpte & PTE_PRESENT == 0 {
+        return None;
+    }
+    let pde = lookup(pdpte & !0xfff)?.entries[((virt >> 21) & 0x1ff) as usize];
+    if pde & PTE_PRESENT == 0 || pde & PTE_PAGE_SIZE == 0 {
+        return None;
+    }
+    Some((pde & !0x1f_ffff & 0x000f_ffff_ffff_ffff) | (virt & 0x1f_ffff))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{CMDLINE_START, IOAPIC_START, ZERO_PAGE_START};
+
+    #[test]
+    fn identity_maps_ram_gap_and_high_memory() {
+        let t = identity_tables();
+        for addr in [0u64, ZERO_PAGE_START, 0x20_0000 + 0x1234, IOAPIC_START, 5 << 30, (16 << 30) - 1] {
+            assert_eq!(translate(&t, addr), Some(addr), "{addr:#x}");
+        }
+        assert_eq!(translate(&t, 16 << 30), None);
+        assert_eq!(translate(&t, 0xffff_8000_0000_0000), None);
+    }
+
+    #[test]
+    fn tables_stay_in_their_reserved_area() {
+        for p in identity_tables() {
+            assert_eq!(p.addr % 4096, 0);
+            assert!(p.addr >= PML4_START && p.addr + 4096 <= CMDLINE_START, "{:#x}", p.addr);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The minivmm virtual machine monitor core: KVM VM and vCPUs, guest RAM with
+//! the backends templating needs, x86_64 boot and the vCPU run loop.
+
+pub mod boot;
+pub mod console;
+pub mod bus;
+pub mod kvm;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use kvm::{Flavour, KvmInfo};
+pub use memory::{GuestRam, MemoryBackend};
+pub use vm::{GuestExit, KernelImage, Vm, VmConfig, VmError};
