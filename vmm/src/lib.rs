@@ -7,6 +7,7 @@ pub mod bus;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 

@@ -193,6 +193,12 @@ impl VcpuControl {
         Ok(())
     }
 
+    /// Whether every vCPU is parked by a pause.
+    pub fn is_paused(&self) -> bool {
+        let st = self.lock();
+        st.target == Target::Pause && st.parked == self.count
+    }
+
     /// Let paused vCPUs run again.
     pub fn resume(&self) -> Result<(), ControlError> {
         let mut st = self.lock();

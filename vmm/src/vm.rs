@@ -8,18 +8,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::i8042::I8042;
-use devices::serial::{Serial, COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
+use devices::serial::{Serial, SerialState, COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use crate::boot::KernelImage;
-use crate::boot::{self, ApStart, BootError, LoadedKernel};
+use crate::boot::{self, ApStart, BootError};
 use crate::bus::{Bus, BusError};
 use crate::kvm::{self, Flavour, KvmError};
 use crate::layout;
 use crate::memory::{GuestRam, MemoryBackend, MemoryError};
+use crate::state::{msrs_to_save, restore_vcpu, restore_vm, save_vcpu, save_vm, StateError, VmState};
 pub use crate::vcpu::GuestExit;
 use crate::vcpu::{self, ControlError, VcpuContext, VcpuControl, VcpuHandle};
 
@@ -88,6 +89,15 @@ pub enum VmError {
         /// Why.
         source: std::io::Error,
     },
+    /// Saving or restoring KVM state.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The saved serial state is invalid.
+    #[error(transparent)]
+    Serial(devices::serial::SerialError),
+    /// save() needs the VM paused.
+    #[error("the VM must be paused to be saved")]
+    NotPaused,
     /// start() called twice.
     #[error("the VM was already started")]
     AlreadyStarted,
@@ -108,10 +118,10 @@ pub struct Vm {
     control: Arc<VcpuControl>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    kernel: LoadedKernel,
+    serial: Arc<Mutex<Serial<Box<dyn Write + Send>>>>,
     // Kept alive: the irqfd stays registered while its eventfd lives.
     _serial_irq: EventFd,
-    _kvm: Kvm,
+    kvm: Kvm,
 }
 
 static NEXT_VM: AtomicU64 = AtomicU64::new(0);
@@ -121,16 +131,45 @@ pub fn default_vm_id() -> String {
     format!("vm-{}-{}", std::process::id(), NEXT_VM.fetch_add(1, Ordering::Relaxed))
 }
 
-impl Vm {
-    /// Create the VM and load the kernel; the vCPUs do not run until `start`.
-    pub fn create(config: VmConfig) -> Result<Vm, VmError> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(VmError::VcpuCount(config.vcpus));
+/// What a restored VM needs besides its saved state.
+pub struct RestoreConfig {
+    /// An id for logs.
+    pub id: String,
+    /// RAM backing: normally `PrivateFile(<template>/memory)`.
+    pub memory: MemoryBackend,
+    /// Where the serial console goes.
+    pub console: Box<dyn Write + Send>,
+}
+
+/// The parts every VM has before it is booted or restored.
+struct Shell {
+    kvm: Kvm,
+    flavour: Flavour,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    control: Arc<VcpuControl>,
+    pio: Bus,
+    serial: Arc<Mutex<Serial<Box<dyn Write + Send>>>>,
+    serial_irq: EventFd,
+}
+
+impl Shell {
+    /// KVM VM, RAM, irqchip, PIT, vCPUs (unconfigured) and legacy devices, in
+    /// the order that keeps creation fast.
+    fn new(
+        vcpus: u32,
+        mem_mib: u64,
+        memory: MemoryBackend,
+        console: Box<dyn Write + Send>,
+        serial_state: Option<&SerialState>,
+    ) -> Result<Shell, VmError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(vcpus));
         }
         let kvm = kvm::open()?;
         let flavour = Flavour::detect();
-        let id: Arc<str> = Arc::from(config.id.as_str());
-        let ram = GuestRam::new(config.mem_mib, config.memory)?;
+        let ram = GuestRam::new(mem_mib, memory)?;
         let vm_fd = ioctl("KVM_CREATE_VM", kvm.create_vm())?;
 
         // Memory slots go in before the irqchip: ~0.15 ms instead of ~7 ms
@@ -145,8 +184,63 @@ impl Vm {
             ..Default::default()
         };
         ioctl("KVM_CREATE_PIT2", vm_fd.create_pit2(pit))?;
+        let mut vcpu_fds = Vec::with_capacity(vcpus as usize);
+        for i in 0..vcpus {
+            vcpu_fds.push(ioctl("KVM_CREATE_VCPU", vm_fd.create_vcpu(i.into()))?);
+        }
 
-        let kernel = boot::load_kernel(ram.memory(), ram.size(), &config.kernel, flavour)?;
+        let control = VcpuControl::new(vcpus as usize);
+        let host = |what| move |source| VmError::Host { what, source };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial interrupt eventfd"))?;
+        ioctl("KVM_IRQFD (serial)", vm_fd.register_irqfd(&serial_irq, COM1_IRQ))?;
+        let irq = serial_irq.try_clone().map_err(host("serial interrupt eventfd"))?;
+        let serial = match serial_state {
+            Some(s) => Serial::restore(s, irq, console).map_err(VmError::Serial)?,
+            None => Serial::new(irq, console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let reset_control = control.clone();
+        let i8042 = I8042::new(Box::new(move || reset_control.end(GuestExit::Reset)));
+        let mut pio = Bus::new();
+        pio.insert(COM1_PORT.into(), SERIAL_PORT_COUNT, serial.clone())?;
+        pio.insert(I8042_PORT, 5, Arc::new(Mutex::new(i8042)))?;
+        Ok(Shell {
+            kvm,
+            flavour,
+            vm_fd,
+            ram,
+            vcpu_fds,
+            control,
+            pio,
+            serial,
+            serial_irq,
+        })
+    }
+
+    fn into_vm(self, id: String) -> Vm {
+        Vm {
+            id: Arc::from(id.as_str()),
+            flavour: self.flavour,
+            vm_fd: self.vm_fd,
+            ram: self.ram,
+            vcpu_fds: self.vcpu_fds,
+            vcpus: Vec::new(),
+            control: self.control,
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(Bus::new()),
+            serial: self.serial,
+            _serial_irq: self.serial_irq,
+            kvm: self.kvm,
+        }
+    }
+}
+
+impl Vm {
+    /// Create the VM and load the kernel; the vCPUs do not run until `start`.
+    pub fn create(config: VmConfig) -> Result<Vm, VmError> {
+        let shell = Shell::new(config.vcpus, config.mem_mib, config.memory, config.console, None)?;
+        let mem = shell.ram.memory();
+        let kernel = boot::load_kernel(mem, shell.ram.size(), &config.kernel, shell.flavour)?;
         let mut cmdline = config.cmdline.clone();
         if kernel.ap_start == ApStart::Direct {
             // Our test guest waits for this many vCPUs to report in.
@@ -155,53 +249,60 @@ impl Vm {
             }
             cmdline.push_str(&format!("cpus={}", config.vcpus));
         }
-        boot::write_boot_structures(ram.memory(), ram.size(), &kernel, &cmdline)?;
+        boot::write_boot_structures(mem, shell.ram.size(), &kernel, &cmdline)?;
 
         let supported = ioctl(
             "KVM_GET_SUPPORTED_CPUID",
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
+            shell.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
         )?;
-        let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
-        for i in 0..config.vcpus {
-            let fd = ioctl("KVM_CREATE_VCPU", vm_fd.create_vcpu(i.into()))?;
-            boot::regs::configure_common(&fd, i, config.vcpus, &supported)?;
+        for (i, fd) in shell.vcpu_fds.iter().enumerate() {
+            let i = i as u32;
+            boot::regs::configure_common(fd, i, config.vcpus, &supported)?;
             if i == 0 || kernel.ap_start == ApStart::Direct {
-                boot::regs::configure_64bit_entry(&fd, i, kernel.entry)?;
+                boot::regs::configure_64bit_entry(fd, i, kernel.entry)?;
             }
-            vcpu_fds.push(fd);
         }
+        tracing::info!(vm = %config.id, flavour = ?shell.flavour, vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %config.kernel.name(), "VM created");
+        Ok(shell.into_vm(config.id))
+    }
 
-        let control = VcpuControl::new(config.vcpus as usize);
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host {
-            what: "serial interrupt eventfd",
-            source,
-        })?;
-        ioctl("KVM_IRQFD (serial)", vm_fd.register_irqfd(&serial_irq, COM1_IRQ))?;
-        let serial_irq_dev = serial_irq.try_clone().map_err(|source| VmError::Host {
-            what: "serial interrupt eventfd",
-            source,
-        })?;
-        let serial = Serial::new(serial_irq_dev, config.console);
-        let reset_control = control.clone();
-        let i8042 = I8042::new(Box::new(move || reset_control.end(GuestExit::Reset)));
-        let mut pio = Bus::new();
-        pio.insert(COM1_PORT.into(), SERIAL_PORT_COUNT, Arc::new(Mutex::new(serial)))?;
-        pio.insert(I8042_PORT, 5, Arc::new(Mutex::new(i8042)))?;
+    /// Rebuild a VM from a saved state over `config.memory`; the vCPUs do not
+    /// run until `start`.
+    pub fn restore(config: RestoreConfig, state: &VmState) -> Result<Vm, VmError> {
+        let vcpus = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
+        let shell = Shell::new(vcpus, state.mem_mib, config.memory, config.console, Some(&state.serial))?;
+        restore_vm(&shell.vm_fd, &state.kvm)?;
+        for (i, (fd, s)) in shell.vcpu_fds.iter().zip(&state.vcpus).enumerate() {
+            restore_vcpu(fd, i, s)?;
+        }
+        tracing::info!(vm = %config.id, vcpus, mem_mib = state.mem_mib, "VM restored");
+        Ok(shell.into_vm(config.id))
+    }
 
-        tracing::info!(vm = %id, ?flavour, vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %config.kernel.name(), "VM created");
-        Ok(Vm {
-            id,
-            flavour,
-            vm_fd,
-            ram,
-            vcpu_fds,
-            vcpus: Vec::new(),
-            control,
-            pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
-            kernel,
-            _serial_irq: serial_irq,
-            _kvm: kvm,
+    /// Save the state of a paused (or not yet started) VM; RAM is not part
+    /// of it (it lives in the memory backend).
+    pub fn save(&self) -> Result<VmState, VmError> {
+        let msr_list = msrs_to_save(&self.kvm)?;
+        let mut vcpus = Vec::new();
+        if self.vcpus.is_empty() {
+            for (i, fd) in self.vcpu_fds.iter().enumerate() {
+                vcpus.push(save_vcpu(fd, i, &msr_list)?);
+            }
+        } else {
+            if !self.control.is_paused() {
+                return Err(VmError::NotPaused);
+            }
+            for (i, v) in self.vcpus.iter().enumerate() {
+                let fd = v.fd.lock().unwrap_or_else(|p| p.into_inner());
+                vcpus.push(save_vcpu(&fd, i, &msr_list)?);
+            }
+        }
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        Ok(VmState {
+            mem_mib: self.ram.size() >> 20,
+            vcpus,
+            kvm: save_vm(&self.vm_fd)?,
+            serial,
         })
     }
 
@@ -274,11 +375,6 @@ impl Vm {
     /// The KVM VM fd (for device wiring: irqfds, ioeventfds).
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
-    }
-
-    /// The kernel's entry and boot protocol facts.
-    pub fn kernel(&self) -> &LoadedKernel {
-        &self.kernel
     }
 }
 
