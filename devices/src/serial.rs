@@ -149,8 +149,8 @@ mod tests {
         // Scratch register survives save/restore.
         s.write(7, &[0x5a]);
         // Wide and out-of-range accesses are ignored.
-        s.write(0, &[b'x', b'y']);
-        s.write(9, &[b'z']);
+        s.write(0, b"xy");
+        s.write(9, b"z");
         assert_eq!(s.writer_mut().as_slice(), b"hi\n");
         let state = s.save();
         let mut r = Serial::restore(&state, irq, Vec::new()).unwrap();

@@ -105,12 +105,18 @@ mod tests {
     #[test]
     fn dispatch_and_overlap() {
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(1)))).unwrap();
-        bus.insert(0x110, 0x10, Arc::new(Mutex::new(Echo(9)))).unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(1))))
+            .unwrap();
+        bus.insert(0x110, 0x10, Arc::new(Mutex::new(Echo(9))))
+            .unwrap();
         assert!(bus.insert(0x10f, 2, Arc::new(Mutex::new(Echo(0)))).is_err());
-        assert!(bus.insert(0xf8, 0x9, Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert!(bus
+            .insert(0xf8, 0x9, Arc::new(Mutex::new(Echo(0))))
+            .is_err());
         assert!(bus.insert(0x200, 0, Arc::new(Mutex::new(Echo(0)))).is_err());
-        assert!(bus.insert(u64::MAX, 2, Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert!(bus
+            .insert(u64::MAX, 2, Arc::new(Mutex::new(Echo(0))))
+            .is_err());
         let mut b = [0u8; 1];
         assert!(bus.read(0x102, &mut b));
         assert_eq!(b, [3]);

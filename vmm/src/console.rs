@@ -34,7 +34,12 @@ impl ConsoleLines {
 
     /// Wait until a line containing `needle` has been seen (at or after line
     /// index `from`), or `timeout` passes. Returns the line's index and text.
-    pub fn wait_for(&self, needle: &str, from: usize, timeout: Duration) -> Option<(usize, String)> {
+    pub fn wait_for(
+        &self,
+        needle: &str,
+        from: usize,
+        timeout: Duration,
+    ) -> Option<(usize, String)> {
         self.wait_until(from, timeout, |l| l.contains(needle))
     }
 
@@ -69,12 +74,22 @@ impl ConsoleLines {
 
     /// All complete lines so far.
     pub fn lines(&self) -> Vec<String> {
-        self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).lines.clone()
+        self.inner
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lines
+            .clone()
     }
 
     /// Number of complete lines so far.
     pub fn len(&self) -> usize {
-        self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).lines.len()
+        self.inner
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lines
+            .len()
     }
 
     /// Whether no complete line has been seen.

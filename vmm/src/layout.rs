@@ -42,6 +42,9 @@ pub const MIN_MEM_MIB: u64 = 32;
 /// Largest guest RAM we boot: all of it must fit under the identity map.
 pub const MAX_MEM_MIB: u64 = (IDENTITY_MAP_GIB << 10) - ((MMIO_GAP_END - MMIO_GAP_START) >> 20);
 
+// The page directories must not run into the command line.
+const _: () = assert!(PD_START + IDENTITY_MAP_GIB * 4096 <= CMDLINE_START);
+
 /// PVM forbids supervisor addresses in the top 2 GiB of the address space.
 pub const PVM_FORBIDDEN_START: u64 = 0xffff_ffff_8000_0000;
 
@@ -66,7 +69,10 @@ mod tests {
         assert_eq!(ram_regions(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
         assert_eq!(
             ram_regions(4 << 30),
-            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)]
+            vec![
+                (0, MMIO_GAP_START),
+                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
+            ]
         );
     }
 
@@ -78,7 +84,5 @@ mod tests {
             .max()
             .unwrap();
         assert_eq!(top, IDENTITY_MAP_GIB << 30);
-        // Page directories must not run into the command line.
-        assert!(PD_START + IDENTITY_MAP_GIB * 4096 <= CMDLINE_START);
     }
 }

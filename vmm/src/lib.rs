@@ -2,8 +2,8 @@
 //! the backends templating needs, x86_64 boot and the vCPU run loop.
 
 pub mod boot;
-pub mod console;
 pub mod bus;
+pub mod console;
 pub mod kvm;
 pub mod layout;
 pub mod memory;

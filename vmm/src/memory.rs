@@ -128,8 +128,9 @@ impl GuestRam {
             let region = MmapRegion::build(fo, len as usize, prot, flags)
                 .map_err(|source| MemoryError::Mmap { size: len, source })?;
             regions.push(
-                GuestRegionMmap::new(region, GuestAddress(start))
-                    .ok_or_else(|| MemoryError::Layout(format!("region at {start:#x} overflows")))?,
+                GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| {
+                    MemoryError::Layout(format!("region at {start:#x} overflows"))
+                })?,
             );
             file_offset += len;
         }
@@ -223,7 +224,9 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         {
             let ram = GuestRam::new(32, MemoryBackend::SharedFile(path.clone())).unwrap();
-            ram.memory().write_obj(0xabcdu32, GuestAddress(0x1000)).unwrap();
+            ram.memory()
+                .write_obj(0xabcdu32, GuestAddress(0x1000))
+                .unwrap();
         }
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 32 << 20);
@@ -232,7 +235,9 @@ mod tests {
             let ram = GuestRam::new(32, MemoryBackend::PrivateFile(path.clone())).unwrap();
             let v: u32 = ram.memory().read_obj(GuestAddress(0x1000)).unwrap();
             assert_eq!(v, 0xabcd);
-            ram.memory().write_obj(0x1234u32, GuestAddress(0x1000)).unwrap();
+            ram.memory()
+                .write_obj(0x1234u32, GuestAddress(0x1000))
+                .unwrap();
         }
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[0x1000..0x1004], &0xabcdu32.to_le_bytes());

@@ -179,18 +179,36 @@ pub fn restore_vcpu(fd: &VcpuFd, id: usize, s: &VcpuState) -> Result<(), StateEr
     ioctl(w("KVM_SET_XCRS"), fd.set_xcrs(&s.xcrs))?;
     ioctl(w("KVM_SET_DEBUGREGS"), fd.set_debug_regs(&s.debugregs))?;
     ioctl(w("KVM_SET_LAPIC"), fd.set_lapic(&s.lapic))?;
-    let msrs = Msrs::from_entries(&s.msrs)
-        .map_err(|e| StateError::Mismatch(format!("vCPU {id}: bad MSR list: {e:?}")))?;
-    let set = ioctl(w("KVM_SET_MSRS"), fd.set_msrs(&msrs))?;
-    if set != s.msrs.len() {
-        return Err(StateError::Msrs {
-            vcpu: id,
-            index: s.msrs[set].index,
-            set,
-            total: s.msrs.len(),
-        });
-    }
+    write_msrs(fd, id, &s.msrs)?;
     ioctl(w("KVM_SET_VCPU_EVENTS"), fd.set_vcpu_events(&s.events))?;
+    Ok(())
+}
+
+/// Write saved MSRs back. KVM_SET_MSRS stops at the first MSR it refuses;
+/// a refused MSR is accepted only if the fresh vCPU already holds the saved
+/// value (a read-only constant such as PVM's signature MSR), else it is an
+/// error naming the MSR.
+fn write_msrs(fd: &VcpuFd, id: usize, saved: &[kvm_msr_entry]) -> Result<(), StateError> {
+    let mut rest = saved;
+    while !rest.is_empty() {
+        let msrs = Msrs::from_entries(rest)
+            .map_err(|e| StateError::Mismatch(format!("vCPU {id}: bad MSR list: {e:?}")))?;
+        let set = ioctl(format!("vCPU {id}: KVM_SET_MSRS"), fd.set_msrs(&msrs))?;
+        if set >= rest.len() {
+            break;
+        }
+        let refused = rest[set];
+        let current = read_msrs(fd, id, &[refused.index])?;
+        if current.first().map(|m| m.data) != Some(refused.data) {
+            return Err(StateError::Msrs {
+                vcpu: id,
+                index: refused.index,
+                set: saved.len() - rest.len() + set,
+                total: saved.len(),
+            });
+        }
+        rest = &rest[set + 1..];
+    }
     Ok(())
 }
 
@@ -199,7 +217,10 @@ fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
         chip_id,
         ..Default::default()
     };
-    ioctl(format!("KVM_GET_IRQCHIP {chip_id}"), vm.get_irqchip(&mut chip))?;
+    ioctl(
+        format!("KVM_GET_IRQCHIP {chip_id}"),
+        vm.get_irqchip(&mut chip),
+    )?;
     Ok(chip)
 }
 
@@ -220,7 +241,10 @@ pub fn restore_vm(vm: &VmFd, s: &VmKvmState) -> Result<(), StateError> {
     clock.flags &= !KVM_CLOCK_TSC_STABLE;
     ioctl("KVM_SET_CLOCK", vm.set_clock(&clock))?;
     for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-        ioctl(format!("KVM_SET_IRQCHIP {}", chip.chip_id), vm.set_irqchip(chip))?;
+        ioctl(
+            format!("KVM_SET_IRQCHIP {}", chip.chip_id),
+            vm.set_irqchip(chip),
+        )?;
     }
     ioctl("KVM_SET_PIT2", vm.set_pit2(&s.pit))
 }

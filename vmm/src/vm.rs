@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use devices::i8042::I8042;
 use devices::serial::{Serial, SerialState, COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,7 +22,9 @@ use crate::bus::{Bus, BusError};
 use crate::kvm::{self, Flavour, KvmError};
 use crate::layout;
 use crate::memory::{GuestRam, MemoryBackend, MemoryError};
-use crate::state::{msrs_to_save, restore_vcpu, restore_vm, save_vcpu, save_vm, StateError, VmState};
+use crate::state::{
+    msrs_to_save, restore_vcpu, restore_vm, save_vcpu, save_vm, StateError, VmState,
+};
 pub use crate::vcpu::GuestExit;
 use crate::vcpu::{self, ControlError, VcpuContext, VcpuControl, VcpuHandle};
 
@@ -128,7 +132,11 @@ static NEXT_VM: AtomicU64 = AtomicU64::new(0);
 
 /// A process-unique default VM id.
 pub fn default_vm_id() -> String {
-    format!("vm-{}-{}", std::process::id(), NEXT_VM.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "vm-{}-{}",
+        std::process::id(),
+        NEXT_VM.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// What a restored VM needs besides its saved state.
@@ -176,7 +184,10 @@ impl Shell {
         // for 256 MiB on PVM (DESIGN.md, "Order matters").
         register_memory(&vm_fd, ram.memory())?;
         if kvm.check_extension(kvm_ioctls::Cap::SetTssAddr) && flavour != Flavour::Pvm {
-            ioctl("KVM_SET_TSS_ADDR", vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS))?;
+            ioctl(
+                "KVM_SET_TSS_ADDR",
+                vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS),
+            )?;
         }
         ioctl("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
         let pit = kvm_pit_config {
@@ -191,9 +202,15 @@ impl Shell {
 
         let control = VcpuControl::new(vcpus as usize);
         let host = |what| move |source| VmError::Host { what, source };
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial interrupt eventfd"))?;
-        ioctl("KVM_IRQFD (serial)", vm_fd.register_irqfd(&serial_irq, COM1_IRQ))?;
-        let irq = serial_irq.try_clone().map_err(host("serial interrupt eventfd"))?;
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial interrupt eventfd"))?;
+        ioctl(
+            "KVM_IRQFD (serial)",
+            vm_fd.register_irqfd(&serial_irq, COM1_IRQ),
+        )?;
+        let irq = serial_irq
+            .try_clone()
+            .map_err(host("serial interrupt eventfd"))?;
         let serial = match serial_state {
             Some(s) => Serial::restore(s, irq, console).map_err(VmError::Serial)?,
             None => Serial::new(irq, console),
@@ -238,7 +255,13 @@ impl Shell {
 impl Vm {
     /// Create the VM and load the kernel; the vCPUs do not run until `start`.
     pub fn create(config: VmConfig) -> Result<Vm, VmError> {
-        let shell = Shell::new(config.vcpus, config.mem_mib, config.memory, config.console, None)?;
+        let shell = Shell::new(
+            config.vcpus,
+            config.mem_mib,
+            config.memory,
+            config.console,
+            None,
+        )?;
         let mem = shell.ram.memory();
         let kernel = boot::load_kernel(mem, shell.ram.size(), &config.kernel, shell.flavour)?;
         let mut cmdline = config.cmdline.clone();
@@ -270,7 +293,13 @@ impl Vm {
     /// run until `start`.
     pub fn restore(config: RestoreConfig, state: &VmState) -> Result<Vm, VmError> {
         let vcpus = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
-        let shell = Shell::new(vcpus, state.mem_mib, config.memory, config.console, Some(&state.serial))?;
+        let shell = Shell::new(
+            vcpus,
+            state.mem_mib,
+            config.memory,
+            config.console,
+            Some(&state.serial),
+        )?;
         restore_vm(&shell.vm_fd, &state.kvm)?;
         for (i, (fd, s)) in shell.vcpu_fds.iter().zip(&state.vcpus).enumerate() {
             restore_vcpu(fd, i, s)?;
@@ -396,7 +425,9 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         // SAFETY: the region is a live mapping owned by GuestRam, which the
         // Vm keeps alive (and drops after the VM fd) for as long as KVM may
         // access it.
-        ioctl("KVM_SET_USER_MEMORY_REGION", unsafe { vm_fd.set_user_memory_region(r) })?;
+        ioctl("KVM_SET_USER_MEMORY_REGION", unsafe {
+            vm_fd.set_user_memory_region(r)
+        })?;
     }
     Ok(())
 }

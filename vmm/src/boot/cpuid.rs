@@ -36,7 +36,11 @@ pub fn patch_cpuid(entries: &mut [kvm_cpuid_entry2], id: u32, count: u32) {
             4 => {
                 // EAX[31:26] cores per package - 1; EAX[25:14] sharing threads - 1.
                 let cache_level = (e.eax >> 5) & 0x7;
-                let sharing = if cache_level >= 3 { count.max(1) - 1 } else { 0 };
+                let sharing = if cache_level >= 3 {
+                    count.max(1) - 1
+                } else {
+                    0
+                };
                 e.eax = (e.eax & 0x3fff) | ((count.max(1) - 1) << 26) | (sharing << 14);
             }
             0xb | 0x1f => {
@@ -80,7 +84,13 @@ mod tests {
 
     #[test]
     fn apic_ids_and_topology() {
-        let mut v = vec![entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2), entry(4, 0)];
+        let mut v = vec![
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            entry(4, 0),
+        ];
         v[4].eax = 3 << 5; // an L3 cache
         patch_cpuid(&mut v, 3, 4);
         assert_eq!(v[0].ebx >> 24, 3);

@@ -35,7 +35,11 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let granular = (entry >> 55) & 1 == 1;
     kvm_segment {
         base: (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)),
-        limit: if granular { (limit << 12) | 0xfff } else { limit },
+        limit: if granular {
+            (limit << 12) | 0xfff
+        } else {
+            limit
+        },
         selector: index * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -60,7 +64,10 @@ mod tests {
         assert_eq!(GDT[3], 0x00cf_9300_0000_ffff);
         let cs = segment_from_gdt(GDT[2], 2);
         assert_eq!(cs.selector, CODE_SELECTOR);
-        assert_eq!((cs.l, cs.db, cs.dpl, cs.type_, cs.present, cs.s), (1, 0, 0, 0xb, 1, 1));
+        assert_eq!(
+            (cs.l, cs.db, cs.dpl, cs.type_, cs.present, cs.s),
+            (1, 0, 0, 0xb, 1, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(GDT[3], 3);
         assert_eq!(ds.selector, DATA_SELECTOR);

@@ -56,12 +56,14 @@ impl KernelImage {
     /// Read the image (a file is read whole: kernels are small).
     pub fn read(&self) -> Result<Arc<[u8]>, BootError> {
         match self {
-            KernelImage::Path(p) => std::fs::read(p)
-                .map(Arc::from)
-                .map_err(|source| BootError::ReadKernel {
-                    path: p.clone(),
-                    source,
-                }),
+            KernelImage::Path(p) => {
+                std::fs::read(p)
+                    .map(Arc::from)
+                    .map_err(|source| BootError::ReadKernel {
+                        path: p.clone(),
+                        source,
+                    })
+            }
             KernelImage::Bytes { data, .. } => Ok(data.clone()),
         }
     }
@@ -123,7 +125,9 @@ pub enum BootError {
         reason: String,
     },
     /// Entry point not usable under PVM.
-    #[error("kernel {name} enters at {entry:#x}, in the top 2 GiB that PVM forbids for supervisor code")]
+    #[error(
+        "kernel {name} enters at {entry:#x}, in the top 2 GiB that PVM forbids for supervisor code"
+    )]
     PvmForbiddenEntry {
         /// The kernel.
         name: String,
@@ -174,8 +178,13 @@ pub fn load_kernel(
         },
     };
     let loaded = if data.starts_with(b"\x7fELF") {
-        let r = Elf::load(mem, None, &mut Cursor::new(&data[..]), Some(GuestAddress(HIMEM_START)))
-            .map_err(load_err)?;
+        let r = Elf::load(
+            mem,
+            None,
+            &mut Cursor::new(&data[..]),
+            Some(GuestAddress(HIMEM_START)),
+        )
+        .map_err(load_err)?;
         let ap_start = if has_direct_ap_note(&data) {
             ApStart::Direct
         } else {
@@ -187,8 +196,13 @@ pub fn load_kernel(
             ap_start,
         }
     } else if data.len() > 0x206 && &data[0x202..0x206] == b"HdrS" {
-        let r = BzImage::load(mem, None, &mut Cursor::new(&data[..]), Some(GuestAddress(HIMEM_START)))
-            .map_err(load_err)?;
+        let r = BzImage::load(
+            mem,
+            None,
+            &mut Cursor::new(&data[..]),
+            Some(GuestAddress(HIMEM_START)),
+        )
+        .map_err(load_err)?;
         LoadedKernel {
             entry: r.kernel_load.0 + BZIMAGE_ENTRY_64_OFFSET,
             header: r.setup_header,
@@ -221,11 +235,9 @@ pub fn has_direct_ap_note(elf: &[u8]) -> bool {
         })
     };
     let as_usize = |v: u64| usize::try_from(v).ok();
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (
-        u64_at(0x20).and_then(as_usize),
-        u16_at(0x36),
-        u16_at(0x38),
-    ) else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (u64_at(0x20).and_then(as_usize), u16_at(0x36), u16_at(0x38))
+    else {
         return false;
     };
     for i in 0..usize::from(phnum) {
@@ -278,11 +290,17 @@ pub fn write_boot_structures(
         r.map_err(|source| BootError::Write { what, source })
     };
     for (i, entry) in gdt::GDT.iter().enumerate() {
-        write("GDT", mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64)))?;
+        write(
+            "GDT",
+            mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64)),
+        )?;
     }
     for page in paging::identity_tables() {
         for (i, e) in page.entries.iter().enumerate() {
-            write("page tables", mem.write_obj(*e, GuestAddress(page.addr + 8 * i as u64)))?;
+            write(
+                "page tables",
+                mem.write_obj(*e, GuestAddress(page.addr + 8 * i as u64)),
+            )?;
         }
     }
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -292,9 +310,15 @@ pub fn write_boot_structures(
     }
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let zero_page =
-        params::build_zero_page(kernel.header, cmdline.len() + 1, &params::e820_map(ram_bytes))?;
-    write("zero page", mem.write_obj(zero_page, GuestAddress(ZERO_PAGE_START)))
+    let zero_page = params::build_zero_page(
+        kernel.header,
+        cmdline.len() + 1,
+        &params::e820_map(ram_bytes),
+    )?;
+    write(
+        "zero page",
+        mem.write_obj(zero_page, GuestAddress(ZERO_PAGE_START)),
+    )
 }
 
 #[cfg(test)]
@@ -327,7 +351,10 @@ mod tests {
 
     #[test]
     fn finds_the_direct_ap_note() {
-        assert!(has_direct_ap_note(&elf_with_note(MINIVMM_NOTE_NAME, MINIVMM_NOTE_DIRECT_AP)));
+        assert!(has_direct_ap_note(&elf_with_note(
+            MINIVMM_NOTE_NAME,
+            MINIVMM_NOTE_DIRECT_AP
+        )));
         assert!(!has_direct_ap_note(&elf_with_note(b"Xen\0", 18)));
         assert!(!has_direct_ap_note(&elf_with_note(MINIVMM_NOTE_NAME, 7)));
     }

@@ -2,7 +2,7 @@
 //! directory per GiB, each mapping 2 MiB pages. This covers RAM, the MMIO gap
 //! (IOAPIC, LAPIC, virtio-mmio) and RAM relocated above 4 GiB.
 
-use crate::layout::{IDENTITY_MAP_GIB, PD_START, PDPT_START, PML4_START};
+use crate::layout::{IDENTITY_MAP_GIB, PDPT_START, PD_START, PML4_START};
 
 const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;
@@ -73,7 +73,14 @@ mod tests {
     #[test]
     fn identity_maps_ram_gap_and_high_memory() {
         let t = identity_tables();
-        for addr in [0u64, ZERO_PAGE_START, 0x20_0000 + 0x1234, IOAPIC_START, 5 << 30, (16 << 30) - 1] {
+        for addr in [
+            0u64,
+            ZERO_PAGE_START,
+            0x20_0000 + 0x1234,
+            IOAPIC_START,
+            5 << 30,
+            (16 << 30) - 1,
+        ] {
             assert_eq!(translate(&t, addr), Some(addr), "{addr:#x}");
         }
         assert_eq!(translate(&t, 16 << 30), None);
@@ -84,7 +91,11 @@ mod tests {
     fn tables_stay_in_their_reserved_area() {
         for p in identity_tables() {
             assert_eq!(p.addr % 4096, 0);
-            assert!(p.addr >= PML4_START && p.addr + 4096 <= CMDLINE_START, "{:#x}", p.addr);
+            assert!(
+                p.addr >= PML4_START && p.addr + 4096 <= CMDLINE_START,
+                "{:#x}",
+                p.addr
+            );
         }
     }
 }

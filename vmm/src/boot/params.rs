@@ -113,7 +113,11 @@ mod tests {
         let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         // All RAM but the legacy hole (EBDA..1 MiB) is usable.
         assert_eq!(ram, (4 << 30) - (HIMEM_START - EBDA_START));
-        assert!(map.contains(&(layout::MMIO_GAP_END, (4 << 30) - layout::MMIO_GAP_START, E820_RAM)));
+        assert!(map.contains(&(
+            layout::MMIO_GAP_END,
+            (4 << 30) - layout::MMIO_GAP_START,
+            E820_RAM
+        )));
         // No RAM entry overlaps the gap.
         for &(a, s, t) in &map {
             if t == E820_RAM {
@@ -141,7 +145,10 @@ mod tests {
         assert_eq!(bytes[0x1e8] as usize, map.len());
         // The second e820 entry (20 bytes each from 0x2d0).
         let e = 0x2d0 + 20;
-        assert_eq!(u64::from_le_bytes(bytes[e..e + 8].try_into().unwrap()), EBDA_START);
+        assert_eq!(
+            u64::from_le_bytes(bytes[e..e + 8].try_into().unwrap()),
+            EBDA_START
+        );
         assert_eq!(u32_at(e + 16), E820_RESERVED);
     }
 

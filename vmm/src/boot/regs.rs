@@ -98,12 +98,21 @@ pub fn boot_regs(entry: u64, id: u32) -> kvm_regs {
     }
 }
 
-fn ioctl<T>(vcpu: u32, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, RegsError> {
+fn ioctl<T>(
+    vcpu: u32,
+    what: &'static str,
+    r: Result<T, kvm_ioctls::Error>,
+) -> Result<T, RegsError> {
     r.map_err(|source| RegsError::Ioctl { vcpu, what, source })
 }
 
 /// Set CPUID, MSRs, LAPIC LINTs, FPU for any vCPU (BSP or AP).
-pub fn configure_common(fd: &VcpuFd, id: u32, count: u32, supported: &CpuId) -> Result<(), RegsError> {
+pub fn configure_common(
+    fd: &VcpuFd,
+    id: u32,
+    count: u32,
+    supported: &CpuId,
+) -> Result<(), RegsError> {
     let mut cpuid = supported.clone();
     cpuid::patch_cpuid(cpuid.as_mut_slice(), id, count);
     ioctl(id, "KVM_SET_CPUID2", fd.set_cpuid2(&cpuid))?;
@@ -151,7 +160,13 @@ pub fn configure_64bit_entry(fd: &VcpuFd, id: u32, entry: u64) -> Result<(), Reg
     sregs.cr4 = BOOT_CR4;
     sregs.efer = BOOT_EFER;
     ioctl(id, "KVM_SET_SREGS", fd.set_sregs(&sregs))?;
-    ioctl(id, "KVM_SET_REGS", fd.set_regs(&boot_regs(entry, id)))
+    ioctl(id, "KVM_SET_REGS", fd.set_regs(&boot_regs(entry, id)))?;
+    // With an in-kernel irqchip KVM creates APs waiting for INIT/SIPI; a
+    // directly started AP must be made runnable or it never runs.
+    let runnable = kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    };
+    ioctl(id, "KVM_SET_MP_STATE", fd.set_mp_state(runnable))
 }
 
 /// Write the delivery mode of a LAPIC LVT register in a KVM LAPIC page.
@@ -173,7 +188,10 @@ mod tests {
     #[test]
     fn entry_registers_follow_the_boot_protocol() {
         let r = boot_regs(0x20_0000, 1);
-        assert_eq!((r.rip, r.rsi, r.rdi, r.rflags), (0x20_0000, ZERO_PAGE_START, 1, 2));
+        assert_eq!(
+            (r.rip, r.rsi, r.rdi, r.rflags),
+            (0x20_0000, ZERO_PAGE_START, 1, 2)
+        );
     }
 
     #[test]
@@ -190,6 +208,8 @@ mod tests {
     #[test]
     fn boot_msrs_enable_write_back_mtrrs() {
         let m = boot_msrs();
-        assert!(m.iter().any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == MTRR_DEF_TYPE_WB_ENABLED));
+        assert!(m
+            .iter()
+            .any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == MTRR_DEF_TYPE_WB_ENABLED));
     }
 }

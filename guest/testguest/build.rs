@@ -1,0 +1,26 @@
+//! Link arguments for the freestanding guest image. They live here (not in a
+//! .cargo/config.toml) so that `cargo build --release --manifest-path
+//! .../guest/testguest/Cargo.toml` works from any directory with no
+//! environment. Only the `testguest` binary gets them: unit tests link as a
+//! normal host program.
+
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let script = std::path::Path::new(&dir).join("link.ld");
+    println!("cargo:rerun-if-changed={}", script.display());
+    println!("cargo:rerun-if-changed=build.rs");
+    for arg in [
+        "-nostartfiles",
+        "-nostdlib",
+        "-static",
+        "-no-pie",
+        "-Wl,--build-id=none",
+        "-Wl,-z,norelro",
+        "-Wl,-z,max-page-size=0x1000",
+        "-Wl,-z,noexecstack",
+        "-Wl,--no-dynamic-linker",
+    ] {
+        println!("cargo:rustc-link-arg-bins={arg}");
+    }
+    println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
+}

@@ -1,0 +1,204 @@
+//! The `minivmm` command as a user runs it: real VMs, and bad input that must
+//! give a one-line error naming the problem, never a panic.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_minivmm");
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("minivmm-cli-{}-{name}", std::process::id()))
+}
+
+/// Run minivmm with `args`; the process is killed if it outlives DEADLINE.
+fn minivmm(args: &[&str]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn minivmm");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait for minivmm"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("minivmm {args:?} did not finish within {DEADLINE:?}");
+        }
+    }
+}
+
+/// Assert a failure with exit code 1 and one stderr line containing `needle`.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    assert!(lines[0].starts_with("minivmm: "), "{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "expected {needle:?} in: {stderr}"
+    );
+}
+
+#[test]
+fn run_prints_ready_and_exits_cleanly_on_reset() {
+    let out = minivmm(&["run", "--console", "stdout", "--cmdline", "action=reset"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("minivmm-testguest ready"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guest reset"));
+}
+
+#[test]
+fn console_to_a_file() {
+    let path = temp_path("console.log");
+    let out = minivmm(&[
+        "run",
+        "--console",
+        path.to_str().unwrap(),
+        "--cmdline",
+        "action=reset",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(log.contains("minivmm-testguest ready"), "{log}");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn streams_console_while_running() {
+    // A counting guest never ends by itself: read lines as they stream, then kill it.
+    let mut child = Command::new(BIN)
+        .args(["run", "--cmdline", "action=count"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = false;
+    while let Ok(line) = rx.recv_timeout(DEADLINE) {
+        if line == "count 100" {
+            got = true;
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(got, "no 'count 100' line streamed");
+}
+
+#[test]
+fn bad_kernels() {
+    assert_one_line_error(
+        &minivmm(&["run", "--kernel", "/nonexistent/kernel"]),
+        "/nonexistent/kernel",
+    );
+    let junk = temp_path("junk-kernel");
+    std::fs::write(&junk, b"this is not a kernel at all, just text").unwrap();
+    assert_one_line_error(
+        &minivmm(&["run", "--kernel", junk.to_str().unwrap()]),
+        "not an ELF or bzImage",
+    );
+    std::fs::remove_file(&junk).unwrap();
+
+    // A file bigger than guest RAM.
+    let big = temp_path("big-kernel");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    assert_one_line_error(
+        &minivmm(&["run", "--kernel", big.to_str().unwrap(), "--mem-mib", "32"]),
+        "larger than guest RAM",
+    );
+    std::fs::remove_file(&big).unwrap();
+}
+
+#[test]
+fn bad_sizes() {
+    assert_one_line_error(&minivmm(&["run", "--vcpus", "0"]), "invalid vCPU count 0");
+    assert_one_line_error(&minivmm(&["run", "--mem-mib", "100000000"]), "out of range");
+    assert_one_line_error(&minivmm(&["run", "--mem-mib", "1"]), "out of range");
+}
+
+#[test]
+fn bad_memory_files() {
+    let small = temp_path("small-mem");
+    std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
+    assert_one_line_error(
+        &minivmm(&["run", "--memory-file", small.to_str().unwrap(), "--private"]),
+        "is 1048576 bytes, guest RAM needs 268435456",
+    );
+    std::fs::remove_file(&small).unwrap();
+    // /proc does not take new files, even for root.
+    assert_one_line_error(
+        &minivmm(&["run", "--memory-file", "/proc/minivmm-ram", "--shared"]),
+        "/proc/minivmm-ram",
+    );
+    let out = minivmm(&["run", "--memory-file", "/tmp/x"]);
+    assert_one_line_error(&out, "--shared or --private");
+}
+
+#[test]
+fn no_kvm_access_is_a_clear_error() {
+    // Drop to an unprivileged user, who may not open /dev/kvm (mode 0600 root).
+    let Ok(out) = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "run",
+        ])
+        .output()
+    else {
+        panic!("setpriv (util-linux) is needed for this test");
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
+}
+
+#[test]
+fn info_reports_flavour_as_json() {
+    let out = minivmm(&["info", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"flavour\""), "{text}");
+    assert!(text.contains("\"api_version\": 12"), "{text}");
+}
+
+#[test]
+fn guest_export_writes_the_elf() {
+    let path = temp_path("guest.elf");
+    let out = minivmm(&["guest", "export", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    // And it boots as an explicit --kernel.
+    let out = minivmm(&[
+        "run",
+        "--kernel",
+        path.to_str().unwrap(),
+        "--cmdline",
+        "action=reset",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("minivmm-testguest ready"));
+    std::fs::remove_file(&path).unwrap();
+}
