@@ -282,7 +282,7 @@ impl Vm {
             let i = i as u32;
             boot::regs::configure_common(fd, i, config.vcpus, &supported)?;
             if i == 0 || kernel.ap_start == ApStart::Direct {
-                boot::regs::configure_64bit_entry(fd, i, kernel.entry)?;
+                boot::regs::configure_64bit_entry(fd, i, kernel.entry, kernel.pvm_native)?;
             }
         }
         tracing::info!(vm = %config.id, flavour = ?shell.flavour, vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %config.kernel.name(), "VM created");

@@ -8,12 +8,22 @@ pub const CODE_SELECTOR: u16 = 0x10;
 /// Selector of the data segment.
 pub const DATA_SELECTOR: u16 = 0x18;
 
-/// GDT descriptors: null, unused, code (L=1, DPL 0, type 0xb), data (type 0x3).
-pub const GDT: [u64; 4] = [
+/// Selector of the DPL-3 data segment (Linux's __USER_DS).
+pub const USER_DATA_SELECTOR: u16 = 0x2b;
+/// Selector of the DPL-3 64-bit code segment (Linux's __USER_CS).
+pub const USER_CODE_SELECTOR: u16 = 0x33;
+
+/// GDT descriptors: null, unused, code (L=1, DPL 0, type 0xb), data (type
+/// 0x3), unused (user CS32), user data (DPL 3), user code (L=1, DPL 3). The
+/// user entries describe the segments of PVM native mode.
+pub const GDT: [u64; 7] = [
     0,
     0,
     gdt_entry(0xa09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
+    0,
+    gdt_entry(0xc0f3, 0, 0xfffff),
+    gdt_entry(0xa0fb, 0, 0xfffff),
 ];
 
 /// Encode a segment descriptor from its flags word (G, D/B, L, AVL in bits
@@ -72,5 +82,9 @@ mod tests {
         let ds = segment_from_gdt(GDT[3], 3);
         assert_eq!(ds.selector, DATA_SELECTOR);
         assert_eq!((ds.l, ds.db, ds.type_), (0, 1, 3));
+        let ucs = segment_from_gdt(GDT[6], 6);
+        assert_eq!((ucs.selector | 3, ucs.dpl, ucs.l), (USER_CODE_SELECTOR, 3, 1));
+        let uds = segment_from_gdt(GDT[5], 5);
+        assert_eq!((uds.selector | 3, uds.dpl), (USER_DATA_SELECTOR, 3));
     }
 }

@@ -27,6 +27,10 @@ use crate::layout::{
 pub const MINIVMM_NOTE_NAME: &[u8] = b"minivmm\0";
 /// Note type of the direct-AP-start note.
 pub const MINIVMM_NOTE_DIRECT_AP: u32 = 0x4d56_0001;
+/// Note type by which a guest says "on PVM, enter me in native mode" (see
+/// `regs::PVM_NATIVE_CONTROL_MSR`): it runs at hardware CPL 3 with CS 0x33,
+/// its IDT gates use the current CS and it needs no IST.
+pub const MINIVMM_NOTE_PVM_NATIVE: u32 = 0x4d56_0002;
 /// Offset of the 64-bit entry point from the protected-mode kernel of a bzImage.
 const BZIMAGE_ENTRY_64_OFFSET: u64 = 0x200;
 
@@ -87,6 +91,8 @@ pub struct LoadedKernel {
     pub header: Option<setup_header>,
     /// How APs are started.
     pub ap_start: ApStart,
+    /// The guest asked to be entered in PVM native mode (and the host is PVM).
+    pub pvm_native: bool,
 }
 
 /// Errors loading a kernel and writing boot structures.
@@ -185,7 +191,8 @@ pub fn load_kernel(
             Some(GuestAddress(HIMEM_START)),
         )
         .map_err(load_err)?;
-        let ap_start = if has_direct_ap_note(&data) {
+        let notes = minivmm_notes(&data);
+        let ap_start = if notes.contains(&MINIVMM_NOTE_DIRECT_AP) {
             ApStart::Direct
         } else {
             ApStart::WaitForSipi
@@ -194,6 +201,7 @@ pub fn load_kernel(
             entry: r.kernel_load.0,
             header: None,
             ap_start,
+            pvm_native: flavour == Flavour::Pvm && notes.contains(&MINIVMM_NOTE_PVM_NATIVE),
         }
     } else if data.len() > 0x206 && &data[0x202..0x206] == b"HdrS" {
         let r = BzImage::load(
@@ -207,6 +215,7 @@ pub fn load_kernel(
             entry: r.kernel_load.0 + BZIMAGE_ENTRY_64_OFFSET,
             header: r.setup_header,
             ap_start: ApStart::WaitForSipi,
+            pvm_native: false,
         }
     } else {
         return Err(BootError::NotAKernel { name });
@@ -220,9 +229,10 @@ pub fn load_kernel(
     Ok(loaded)
 }
 
-/// Whether an ELF image carries the minivmm direct-AP-start note. Every
-/// offset is bounds-checked: the image is untrusted input.
-pub fn has_direct_ap_note(elf: &[u8]) -> bool {
+/// The types of the "minivmm" notes an ELF image carries. Every offset is
+/// bounds-checked: the image is untrusted input.
+pub fn minivmm_notes(elf: &[u8]) -> Vec<u32> {
+    let mut found = Vec::new();
     const PT_NOTE: u32 = 4;
     let bytes = |o: usize, n: usize| o.checked_add(n).and_then(|end| elf.get(o..end));
     let u16_at = |o: usize| bytes(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
@@ -238,14 +248,14 @@ pub fn has_direct_ap_note(elf: &[u8]) -> bool {
     let (Some(phoff), Some(phentsize), Some(phnum)) =
         (u64_at(0x20).and_then(as_usize), u16_at(0x36), u16_at(0x38))
     else {
-        return false;
+        return found;
     };
     for i in 0..usize::from(phnum) {
         let Some(ph) = usize::from(phentsize)
             .checked_mul(i)
             .and_then(|o| o.checked_add(phoff))
         else {
-            return false;
+            return found;
         };
         if u32_at(ph) != Some(PT_NOTE) {
             continue;
@@ -254,7 +264,7 @@ pub fn has_direct_ap_note(elf: &[u8]) -> bool {
             ph.checked_add(8).and_then(u64_at).and_then(as_usize),
             ph.checked_add(32).and_then(u64_at).and_then(as_usize),
         ) else {
-            return false;
+            return found;
         };
         let end = pos.saturating_add(size).min(elf.len());
         // Each note: namesz, descsz, type, then name and desc padded to 4 bytes.
@@ -266,17 +276,15 @@ pub fn has_direct_ap_note(elf: &[u8]) -> bool {
             };
             let name_start = pos + 12;
             let align4 = |n: u32| (n as usize).div_ceil(4) * 4;
-            if bytes(name_start, namesz as usize) == Some(MINIVMM_NOTE_NAME)
-                && kind == MINIVMM_NOTE_DIRECT_AP
-            {
-                return true;
+            if bytes(name_start, namesz as usize) == Some(MINIVMM_NOTE_NAME) {
+                found.push(kind);
             }
             pos = name_start
                 .saturating_add(align4(namesz))
                 .saturating_add(align4(descsz));
         }
     }
-    false
+    found
 }
 
 /// Write the GDT, page tables, command line and zero page into guest memory.
@@ -350,30 +358,28 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_direct_ap_note() {
-        assert!(has_direct_ap_note(&elf_with_note(
-            MINIVMM_NOTE_NAME,
-            MINIVMM_NOTE_DIRECT_AP
-        )));
-        assert!(!has_direct_ap_note(&elf_with_note(b"Xen\0", 18)));
-        assert!(!has_direct_ap_note(&elf_with_note(MINIVMM_NOTE_NAME, 7)));
+    fn finds_minivmm_notes_only() {
+        let notes = minivmm_notes(&elf_with_note(MINIVMM_NOTE_NAME, MINIVMM_NOTE_DIRECT_AP));
+        assert_eq!(notes, vec![MINIVMM_NOTE_DIRECT_AP]);
+        assert!(minivmm_notes(&elf_with_note(b"Xen\0", 18)).is_empty());
+        assert_eq!(minivmm_notes(&elf_with_note(MINIVMM_NOTE_NAME, 7)), vec![7]);
     }
 
     #[test]
     fn hostile_elf_headers_do_not_panic() {
         let good = elf_with_note(MINIVMM_NOTE_NAME, MINIVMM_NOTE_DIRECT_AP);
         for len in 0..good.len() {
-            let _ = has_direct_ap_note(&good[..len]);
+            let _ = minivmm_notes(&good[..len]);
         }
         let mut bad = good.clone();
         bad[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(!has_direct_ap_note(&bad));
+        assert!(minivmm_notes(&bad).is_empty());
         let mut bad = good.clone();
         bad[0x38..0x3a].copy_from_slice(&u16::MAX.to_le_bytes());
-        let _ = has_direct_ap_note(&bad);
+        let _ = minivmm_notes(&bad);
         let mut bad = good;
         let n = 0x40 + 0x38;
         bad[n..n + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(!has_direct_ap_note(&bad));
+        assert!(minivmm_notes(&bad).is_empty());
     }
 }

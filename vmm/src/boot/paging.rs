@@ -1,11 +1,15 @@
 //! Identity page tables for the 64-bit entry: PML4 -> one PDPT -> one page
 //! directory per GiB, each mapping 2 MiB pages. This covers RAM, the MMIO gap
-//! (IOAPIC, LAPIC, virtio-mmio) and RAM relocated above 4 GiB.
+//! (IOAPIC, LAPIC, virtio-mmio) and RAM relocated above 4 GiB. Every level
+//! has the U/S bit set: PVM runs a guest natively only over user-accessible
+//! mappings (it executes at hardware CPL 3); for a CPL-0 guest without SMEP or
+//! SMAP the bit changes nothing.
 
 use crate::layout::{IDENTITY_MAP_GIB, PDPT_START, PD_START, PML4_START};
 
 const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_USER: u64 = 1 << 2;
 const PTE_PAGE_SIZE: u64 = 1 << 7;
 const ENTRIES: usize = 512;
 
@@ -20,15 +24,20 @@ pub struct TablePage {
 /// The page-table pages that identity-map the first `IDENTITY_MAP_GIB` GiB.
 pub fn identity_tables() -> Vec<TablePage> {
     let mut pml4 = Box::new([0u64; ENTRIES]);
-    pml4[0] = PDPT_START | PTE_PRESENT | PTE_WRITABLE;
+    pml4[0] = PDPT_START | PTE_PRESENT | PTE_WRITABLE | PTE_USER;
     let mut pdpt = Box::new([0u64; ENTRIES]);
     let mut pages = Vec::new();
     for gib in 0..IDENTITY_MAP_GIB {
         let pd_addr = PD_START + gib * 4096;
-        pdpt[gib as usize] = pd_addr | PTE_PRESENT | PTE_WRITABLE;
+        pdpt[gib as usize] = pd_addr | PTE_PRESENT | PTE_WRITABLE | PTE_USER;
         let mut pd = Box::new([0u64; ENTRIES]);
         for (i, e) in pd.iter_mut().enumerate() {
-            *e = (gib << 30) | ((i as u64) << 21) | PTE_PRESENT | PTE_WRITABLE | PTE_PAGE_SIZE;
+            *e = (gib << 30)
+                | ((i as u64) << 21)
+                | PTE_PRESENT
+                | PTE_WRITABLE
+                | PTE_USER
+                | PTE_PAGE_SIZE;
         }
         pages.push(TablePage {
             addr: pd_addr,
@@ -85,6 +94,15 @@ mod tests {
         }
         assert_eq!(translate(&t, 16 << 30), None);
         assert_eq!(translate(&t, 0xffff_8000_0000_0000), None);
+    }
+
+    #[test]
+    fn every_level_is_user_accessible() {
+        for p in identity_tables() {
+            for e in p.entries.iter().filter(|e| **e & PTE_PRESENT != 0) {
+                assert_ne!(e & PTE_USER, 0, "table at {:#x}", p.addr);
+            }
+        }
     }
 
     #[test]
