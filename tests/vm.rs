@@ -127,6 +127,7 @@ fn saved_state_restores_into_a_copy_on_write_clone_that_continues() {
                 id: vmm::vm::default_vm_id(),
                 memory: MemoryBackend::PrivateFile(path.clone()),
                 console: Box::new(console.tap(Box::new(std::io::sink()))),
+                vsock: None,
             },
             &state,
         )

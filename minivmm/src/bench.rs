@@ -1,6 +1,7 @@
 //! `minivmm bench ...`: measurements printed as a table and JSON. Numbers are
 //! reported, never asserted.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
         /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u64,
+        /// Print JSON only.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Template clones: restore, resume and ready latency, cold boot of the
+    /// same guest for the ratio, private memory per live clone, clones/s.
+    Clone {
+        /// Template directory (default: build a temporary one on /dev/shm).
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// Number of clones (sequential for latency; all alive for memory).
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        /// Cold boots to measure for the ratio.
+        #[arg(long, default_value_t = 10)]
+        cold_boots: usize,
+        /// Guest RAM in MiB of a temporary template.
         #[arg(long, default_value_t = 256)]
         mem_mib: u64,
         /// Print JSON only.
@@ -91,6 +111,7 @@ pub fn boot_once(vcpus: u32, mem_mib: u64) -> Result<(Duration, Duration)> {
         kernel: crate::kernel_image(None),
         cmdline: String::new(),
         console: Box::new(lines.tap(Box::new(std::io::sink()))),
+        virtio: vmm::VirtioConfig::default(),
     })?;
     let created = t0.elapsed();
     vm.start()?;
@@ -109,8 +130,221 @@ pub fn boot_once(vcpus: u32, mem_mib: u64) -> Result<(Duration, Duration)> {
     Ok((created, ready))
 }
 
+/// Sum of a field (kB) over the mappings of `path` in /proc/self/smaps.
+fn smaps_kib(path: &Path, fields: &[&str]) -> Result<Vec<u64>> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let target = path.to_string_lossy();
+    let mut sums = vec![0u64; fields.len()];
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            inside = line.ends_with(target.as_ref());
+            continue;
+        }
+        if inside {
+            for (i, f) in fields.iter().enumerate() {
+                if let Some(rest) = line.strip_prefix(f).and_then(|r| r.strip_prefix(':')) {
+                    sums[i] += rest
+                        .trim()
+                        .trim_end_matches(" kB")
+                        .parse::<u64>()
+                        .unwrap_or(0);
+                }
+            }
+        }
+    }
+    Ok(sums)
+}
+
+#[derive(Serialize)]
+struct CloneReport {
+    benchmark: &'static str,
+    flavour: vmm::Flavour,
+    clones: usize,
+    mem_mib: u64,
+    clone_ready_p50_us: f64,
+    clone_ready_p99_us: f64,
+    restore_p50_us: f64,
+    restore_p99_us: f64,
+    resume_p50_us: f64,
+    agent_ready_p50_us: f64,
+    cold_boot_p50_us: f64,
+    cold_to_clone_ratio: f64,
+    private_kib_per_clone: f64,
+    pss_kib_per_clone: f64,
+    clones_per_sec: f64,
+    clone_total: Stats,
+    restore: Stats,
+    resume: Stats,
+    agent_ready: Stats,
+    cold_boot: Stats,
+}
+
+/// Cold boot of the template's guest with its devices, to an answered agent Check.
+fn cold_boot_to_agent(spec: &factory::GuestSpec) -> Result<Duration> {
+    let socket = factory::template::temp_socket_path("bench-cold");
+    let _ = std::fs::remove_file(&socket);
+    let lines = ConsoleLines::new();
+    let t0 = Instant::now();
+    let mut vm = Vm::create(VmConfig {
+        id: vmm::vm::default_vm_id(),
+        vcpus: spec.vcpus,
+        mem_mib: spec.mem_mib,
+        memory: MemoryBackend::Anonymous,
+        kernel: spec.kernel.clone(),
+        cmdline: spec.cmdline.clone(),
+        console: Box::new(lines.tap(Box::new(std::io::sink()))),
+        virtio: vmm::VirtioConfig {
+            rng: true,
+            vsock: Some(socket.clone()),
+        },
+    })?;
+    vm.start()?;
+    if lines
+        .wait_for(testguest_image::READY_LINE, 0, READY_TIMEOUT)
+        .is_none()
+    {
+        bail!("cold boot: no ready line within {READY_TIMEOUT:?}");
+    }
+    let mut agent = agent_protocol::AgentClient::connect_hybrid_vsock(
+        &socket,
+        agent_protocol::AGENT_VSOCK_PORT,
+        READY_TIMEOUT,
+    )?;
+    agent.check(&agent_protocol::CheckRequest::default(), READY_TIMEOUT)?;
+    let t = t0.elapsed();
+    vm.stop();
+    let _ = std::fs::remove_file(&socket);
+    Ok(t)
+}
+
+fn bench_clone(
+    template: Option<PathBuf>,
+    count: usize,
+    cold_boots: usize,
+    mem_mib: u64,
+    json: bool,
+) -> Result<ExitCode> {
+    if count == 0 || cold_boots == 0 {
+        bail!("--count and --cold-boots must be at least 1");
+    }
+    let spec = factory::GuestSpec::testguest(1, mem_mib);
+    let owned = template.is_none();
+    let dir = match template {
+        Some(d) => d,
+        None => {
+            let dir = PathBuf::from(format!("/dev/shm/minivmm-bench-{}", std::process::id()));
+            if !json {
+                eprintln!("building a temporary template in {}", dir.display());
+            }
+            factory::create_template(&dir, &spec, &factory::CreateOptions::default())?;
+            dir
+        }
+    };
+    let handle = factory::TemplateHandle::open(&dir, None)?;
+    // Warm-up clone (page cache, allocator), not measured.
+    drop(handle.clone_vm(factory::CloneOptions::default())?);
+
+    let (mut total, mut restore, mut resume, mut ready) = (vec![], vec![], vec![], vec![]);
+    let seq_start = Instant::now();
+    for i in 0..count {
+        let c = handle.clone_vm(factory::CloneOptions::default())?;
+        let t = c.timings;
+        total.push(t.restore + t.resume + t.ready);
+        restore.push(t.restore);
+        resume.push(t.resume);
+        ready.push(t.ready);
+        drop(c);
+        if !json {
+            eprint!("\rclone {}/{count}", i + 1);
+        }
+    }
+    let clones_per_sec = count as f64 / seq_start.elapsed().as_secs_f64();
+    if !json {
+        eprintln!();
+    }
+
+    // Memory: all clones alive at once, each touching nothing beyond readiness.
+    let mem_path = handle.template().memory_path();
+    let mut alive = Vec::with_capacity(count);
+    for _ in 0..count {
+        alive.push(handle.clone_vm(factory::CloneOptions::default())?);
+    }
+    let sums = smaps_kib(&mem_path, &["Private_Dirty", "Pss"])?;
+    drop(alive);
+
+    let mut cold = Vec::new();
+    for _ in 0..cold_boots {
+        cold.push(cold_boot_to_agent(&spec)?);
+    }
+    let clone_total = Stats::of(&total);
+    let cold_boot = Stats::of(&cold);
+    let report = CloneReport {
+        benchmark: "clone",
+        flavour: vmm::Flavour::detect(),
+        clones: count,
+        mem_mib: handle.template().manifest().config.mem_mib,
+        clone_ready_p50_us: clone_total.p50_us,
+        clone_ready_p99_us: clone_total.p99_us,
+        restore_p50_us: Stats::of(&restore).p50_us,
+        restore_p99_us: Stats::of(&restore).p99_us,
+        resume_p50_us: Stats::of(&resume).p50_us,
+        agent_ready_p50_us: Stats::of(&ready).p50_us,
+        cold_boot_p50_us: cold_boot.p50_us,
+        cold_to_clone_ratio: cold_boot.p50_us / clone_total.p50_us,
+        private_kib_per_clone: sums[0] as f64 / count as f64,
+        pss_kib_per_clone: sums[1] as f64 / count as f64,
+        clones_per_sec,
+        clone_total,
+        restore: Stats::of(&restore),
+        resume: Stats::of(&resume),
+        agent_ready: Stats::of(&ready),
+        cold_boot,
+    };
+    if !json {
+        println!(
+            "{:<22} {:>10} {:>10} {:>10}",
+            "", "p50 us", "p99 us", "max us"
+        );
+        for (name, s) in [
+            ("clone -> ready", &report.clone_total),
+            ("  restore", &report.restore),
+            ("  resume", &report.resume),
+            ("  agent (reseed,time)", &report.agent_ready),
+            ("cold boot -> agent", &report.cold_boot),
+        ] {
+            println!(
+                "{:<22} {:>10.0} {:>10.0} {:>10.0}",
+                name, s.p50_us, s.p99_us, s.max_us
+            );
+        }
+        println!(
+            "cold/clone {:.1}x, {:.0} KiB private (Pss {:.0} KiB) per live clone, {:.0} clones/s",
+            report.cold_to_clone_ratio,
+            report.private_kib_per_clone,
+            report.pss_kib_per_clone,
+            report.clones_per_sec
+        );
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    if owned {
+        let _ = snapshot::template::remove(&dir);
+        let _ = std::fs::remove_dir(&dir);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
+        BenchCommand::Clone {
+            template,
+            count,
+            cold_boots,
+            mem_mib,
+            json,
+        } => bench_clone(template, count, cold_boots, mem_mib, json),
         BenchCommand::Boot {
             runs,
             vcpus,

@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod bench;
+mod template_cmd;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -46,6 +47,11 @@ enum Command {
     /// The built-in test guest.
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// Build, check and remove VM templates.
+    #[command(subcommand)]
+    Template(template_cmd::TemplateCommand),
+    /// Start ready VMs from a template (copy-on-write memory).
+    Clone(template_cmd::CloneArgs),
     /// Call the guest agent of a running VM over its vsock socket.
     Agent(agent_cmd::AgentArgs),
     /// Benchmarks (numbers, never pass/fail).
@@ -90,6 +96,14 @@ struct RunArgs {
     /// Where the serial console goes: "stdout" or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
+    /// Give the VM a virtio-vsock device, hybrid over this unix socket
+    /// (host connects with "CONNECT <port>"; guest connections to host port P
+    /// go to PATH_P). Also adds virtio-rng.
+    #[arg(long)]
+    vsock: Option<PathBuf>,
+    /// Add a virtio-rng device even without --vsock.
+    #[arg(long)]
+    rng: bool,
 }
 
 fn main() -> ExitCode {
@@ -119,6 +133,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Template(cmd) => template_cmd::template(cmd),
+        Command::Clone(args) => template_cmd::clone(args),
         Command::Agent(args) => agent_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
@@ -158,6 +174,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         kernel: kernel_image(args.kernel),
         cmdline: args.cmdline,
         console,
+        virtio: vmm::VirtioConfig {
+            rng: args.rng || args.vsock.is_some(),
+            vsock: args.vsock,
+        },
     })?;
     vm.start()?;
     let exit = vm.wait_exit(None).unwrap_or(GuestExit::Stopped);

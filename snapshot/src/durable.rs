@@ -36,7 +36,7 @@ pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
 }
 
 /// Lower-case hex SHA-256 of a byte slice.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 

@@ -9,6 +9,7 @@ mod durable;
 pub mod state;
 pub mod template;
 
+pub use durable::sha256_hex;
 pub use state::{StateError, StateHeader};
 pub use template::{
     ConfigMismatch, GuestConfig, KernelRef, Manifest, MemoryFileEntry, StateFileEntry, Template,

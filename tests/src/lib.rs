@@ -40,6 +40,7 @@ pub fn boot(cmdline: &str, vcpus: u32, memory: MemoryBackend) -> TestVm {
         kernel: testguest(),
         cmdline: cmdline.into(),
         console: Box::new(console.tap(Box::new(std::io::sink()))),
+        virtio: vmm::VirtioConfig::default(),
     })
     .expect("create VM");
     vm.start().expect("start VM");

@@ -9,8 +9,10 @@ pub mod layout;
 pub mod memory;
 pub mod state;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use kvm::{Flavour, KvmInfo};
 pub use memory::{GuestRam, MemoryBackend};
+pub use virtio::VirtioConfig;
 pub use vm::{GuestExit, KernelImage, Vm, VmConfig, VmError};

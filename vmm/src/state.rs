@@ -71,6 +71,8 @@ pub struct VmState {
     pub kvm: VmKvmState,
     /// COM1.
     pub serial: SerialState,
+    /// virtio transports and devices.
+    pub virtio: crate::virtio::VirtioState,
 }
 
 /// Errors saving or restoring state.

@@ -3,12 +3,13 @@
 //! (start, pause, resume, stop, wait for the guest to end).
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::i8042::I8042;
-use devices::serial::{Serial, SerialState, COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
+use devices::serial::{Serial, COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -27,6 +28,7 @@ use crate::state::{
 };
 pub use crate::vcpu::GuestExit;
 use crate::vcpu::{self, ControlError, VcpuContext, VcpuControl, VcpuHandle};
+use crate::virtio::{VirtioConfig, VirtioDevices};
 
 /// Most vCPUs a VM may have (the APIC id field of CPUID.1 is 8 bits).
 pub const MAX_VCPUS: u32 = 254;
@@ -51,6 +53,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Where the serial console goes.
     pub console: Box<dyn Write + Send>,
+    /// virtio devices.
+    pub virtio: VirtioConfig,
 }
 
 /// Errors creating or driving a VM.
@@ -74,6 +78,9 @@ pub enum VmError {
     /// Device bus layout.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// virtio devices.
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::VirtioError),
     /// Pause/resume.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -122,6 +129,7 @@ pub struct Vm {
     control: Arc<VcpuControl>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    virtio: VirtioDevices,
     serial: Arc<Mutex<Serial<Box<dyn Write + Send>>>>,
     // Kept alive: the irqfd stays registered while its eventfd lives.
     _serial_irq: EventFd,
@@ -147,6 +155,8 @@ pub struct RestoreConfig {
     pub memory: MemoryBackend,
     /// Where the serial console goes.
     pub console: Box<dyn Write + Send>,
+    /// The restored VM's own vsock socket (needed if the saved VM had vsock).
+    pub vsock: Option<PathBuf>,
 }
 
 /// The parts every VM has before it is booted or restored.
@@ -158,6 +168,8 @@ struct Shell {
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     control: Arc<VcpuControl>,
     pio: Bus,
+    mmio: Bus,
+    virtio: VirtioDevices,
     serial: Arc<Mutex<Serial<Box<dyn Write + Send>>>>,
     serial_irq: EventFd,
 }
@@ -166,12 +178,14 @@ impl Shell {
     /// KVM VM, RAM, irqchip, PIT, vCPUs (unconfigured) and legacy devices, in
     /// the order that keeps creation fast.
     fn new(
+        id: &str,
         vcpus: u32,
         mem_mib: u64,
         memory: MemoryBackend,
         console: Box<dyn Write + Send>,
-        serial_state: Option<&SerialState>,
+        devices: (&VirtioConfig, Option<&VmState>),
     ) -> Result<Shell, VmError> {
+        let (virtio_config, saved) = devices;
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(VmError::VcpuCount(vcpus));
         }
@@ -211,8 +225,8 @@ impl Shell {
         let irq = serial_irq
             .try_clone()
             .map_err(host("serial interrupt eventfd"))?;
-        let serial = match serial_state {
-            Some(s) => Serial::restore(s, irq, console).map_err(VmError::Serial)?,
+        let serial = match saved {
+            Some(s) => Serial::restore(&s.serial, irq, console).map_err(VmError::Serial)?,
             None => Serial::new(irq, console),
         };
         let serial = Arc::new(Mutex::new(serial));
@@ -221,6 +235,15 @@ impl Shell {
         let mut pio = Bus::new();
         pio.insert(COM1_PORT.into(), SERIAL_PORT_COUNT, serial.clone())?;
         pio.insert(I8042_PORT, 5, Arc::new(Mutex::new(i8042)))?;
+        let mut mmio = Bus::new();
+        let virtio = VirtioDevices::attach(
+            id,
+            &vm_fd,
+            ram.memory(),
+            &mut mmio,
+            virtio_config,
+            saved.map(|s| &s.virtio),
+        )?;
         Ok(Shell {
             kvm,
             flavour,
@@ -229,6 +252,8 @@ impl Shell {
             vcpu_fds,
             control,
             pio,
+            mmio,
+            virtio,
             serial,
             serial_irq,
         })
@@ -244,7 +269,8 @@ impl Shell {
             vcpus: Vec::new(),
             control: self.control,
             pio: Arc::new(self.pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(self.mmio),
+            virtio: self.virtio,
             serial: self.serial,
             _serial_irq: self.serial_irq,
             kvm: self.kvm,
@@ -256,15 +282,22 @@ impl Vm {
     /// Create the VM and load the kernel; the vCPUs do not run until `start`.
     pub fn create(config: VmConfig) -> Result<Vm, VmError> {
         let shell = Shell::new(
+            &config.id,
             config.vcpus,
             config.mem_mib,
             config.memory,
             config.console,
-            None,
+            (&config.virtio, None),
         )?;
         let mem = shell.ram.memory();
         let kernel = boot::load_kernel(mem, shell.ram.size(), &config.kernel, shell.flavour)?;
         let mut cmdline = config.cmdline.clone();
+        for arg in shell.virtio.cmdline() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(arg);
+        }
         if kernel.ap_start == ApStart::Direct {
             // Our test guest waits for this many vCPUs to report in.
             if !cmdline.is_empty() {
@@ -293,17 +326,25 @@ impl Vm {
     /// run until `start`.
     pub fn restore(config: RestoreConfig, state: &VmState) -> Result<Vm, VmError> {
         let vcpus = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
+        let virtio = VirtioConfig {
+            rng: state.virtio.rng.is_some(),
+            vsock: config.vsock,
+        };
         let shell = Shell::new(
+            &config.id,
             vcpus,
             state.mem_mib,
             config.memory,
             config.console,
-            Some(&state.serial),
+            (&virtio, Some(state)),
         )?;
         restore_vm(&shell.vm_fd, &state.kvm)?;
         for (i, (fd, s)) in shell.vcpu_fds.iter().zip(&state.vcpus).enumerate() {
             restore_vcpu(fd, i, s)?;
         }
+        // Connections from before the snapshot are gone: tell the guest now,
+        // so its agent listens again before the host connects.
+        shell.virtio.vsock_transport_reset();
         tracing::info!(vm = %config.id, vcpus, mem_mib = state.mem_mib, "VM restored");
         Ok(shell.into_vm(config.id))
     }
@@ -332,6 +373,7 @@ impl Vm {
             vcpus,
             kvm: save_vm(&self.vm_fd)?,
             serial,
+            virtio: self.virtio.save(),
         })
     }
 
@@ -367,13 +409,14 @@ impl Vm {
         Ok(self.control.resume()?)
     }
 
-    /// Stop the VM (idempotent) and join its vCPU threads.
+    /// Stop the VM (idempotent): join its vCPU threads and stop its devices.
     pub fn stop(&mut self) {
         self.control.end(GuestExit::Stopped);
         self.control.forget_threads();
         for v in &mut self.vcpus {
             v.join();
         }
+        self.virtio.stop();
     }
 
     /// Wait until the guest ends (None: no deadline); None if it has not.

@@ -83,7 +83,10 @@ mod tests {
         assert_eq!(ds.selector, DATA_SELECTOR);
         assert_eq!((ds.l, ds.db, ds.type_), (0, 1, 3));
         let ucs = segment_from_gdt(GDT[6], 6);
-        assert_eq!((ucs.selector | 3, ucs.dpl, ucs.l), (USER_CODE_SELECTOR, 3, 1));
+        assert_eq!(
+            (ucs.selector | 3, ucs.dpl, ucs.l),
+            (USER_CODE_SELECTOR, 3, 1)
+        );
         let uds = segment_from_gdt(GDT[5], 5);
         assert_eq!((uds.selector | 3, uds.dpl), (USER_DATA_SELECTOR, 3));
     }

@@ -1,0 +1,168 @@
+//! Cloning a template: map its memory MAP_PRIVATE (copy-on-write), restore
+//! the saved VM state, resume, and make the clone its own machine — fresh
+//! host entropy into the guest RNG, the host's wall clock — before handing
+//! it out with a connected agent.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agent_protocol::{
+    AgentClient, CheckRequest, ReseedRandomDevRequest, SetGuestDateTimeRequest, AGENT_VSOCK_PORT,
+};
+use snapshot::{GuestConfig, Template};
+use vmm::console::ConsoleLines;
+use vmm::state::VmState;
+use vmm::vm::RestoreConfig;
+use vmm::{MemoryBackend, Vm};
+
+use crate::template::temp_socket_path;
+use crate::{FactoryError, AGENT_CALL_DEADLINE};
+
+/// Bytes of host entropy every clone gets before it is handed out.
+pub const RESEED_BYTES: usize = 64;
+
+/// A validated template with its state decoded once, ready to clone from.
+pub struct TemplateHandle {
+    template: Template,
+    state: VmState,
+}
+
+/// Per-clone options.
+#[derive(Default)]
+pub struct CloneOptions {
+    /// VM id for logs (default: derived from the process).
+    pub id: Option<String>,
+    /// The clone's vsock socket (default: a temporary path, removed on drop).
+    pub vsock: Option<PathBuf>,
+}
+
+/// Where a clone's time went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloneTimings {
+    /// KVM VM, memory mapping, vCPUs, devices and every piece of state.
+    pub restore: Duration,
+    /// Starting the vCPU threads.
+    pub resume: Duration,
+    /// Agent connected, RNG reseeded, clock set, health check answered.
+    pub ready: Duration,
+}
+
+/// A clone, running, with its agent connected.
+pub struct ClonedVm {
+    /// The VM.
+    pub vm: Vm,
+    /// Its agent connection.
+    pub agent: AgentClient,
+    /// Its console lines (from the restore on).
+    pub console: ConsoleLines,
+    /// Its vsock socket.
+    pub vsock: PathBuf,
+    /// Where the time went.
+    pub timings: CloneTimings,
+}
+
+impl Drop for ClonedVm {
+    fn drop(&mut self) {
+        self.vm.stop();
+        let _ = std::fs::remove_file(&self.vsock);
+    }
+}
+
+impl TemplateHandle {
+    /// Validate the template in `dir` (against `expected`, if given: the
+    /// first differing field is reported) and decode its state.
+    pub fn open(dir: &Path, expected: Option<&GuestConfig>) -> Result<Self, FactoryError> {
+        let template = snapshot::template::validate(dir, expected)?;
+        let state: VmState = template.read_state()?;
+        Ok(TemplateHandle { template, state })
+    }
+
+    /// The template on disk.
+    pub fn template(&self) -> &Template {
+        &self.template
+    }
+
+    /// Restore, resume and ready a clone.
+    pub fn clone_vm(&self, opts: CloneOptions) -> Result<ClonedVm, FactoryError> {
+        let t0 = Instant::now();
+        let vsock = opts.vsock.unwrap_or_else(|| temp_socket_path("clone"));
+        let _ = std::fs::remove_file(&vsock);
+        let console = ConsoleLines::new();
+        let mut vm = Vm::restore(
+            RestoreConfig {
+                id: opts.id.unwrap_or_else(vmm::vm::default_vm_id),
+                memory: MemoryBackend::PrivateFile(self.template.memory_path()),
+                console: Box::new(console.tap(Box::new(std::io::sink()))),
+                vsock: Some(vsock.clone()),
+            },
+            &self.state,
+        )?;
+        let restore = t0.elapsed();
+        vm.start()?;
+        let resume = t0.elapsed() - restore;
+        let agent = match ready(&vsock) {
+            Ok(agent) => agent,
+            Err(e) => {
+                vm.stop();
+                let _ = std::fs::remove_file(&vsock);
+                return Err(e);
+            }
+        };
+        let ready = t0.elapsed() - restore - resume;
+        Ok(ClonedVm {
+            vm,
+            agent,
+            console,
+            vsock,
+            timings: CloneTimings {
+                restore,
+                resume,
+                ready,
+            },
+        })
+    }
+}
+
+/// Connect to a freshly resumed clone's agent and make it its own machine.
+fn ready(vsock: &Path) -> Result<AgentClient, FactoryError> {
+    let mut agent =
+        AgentClient::connect_hybrid_vsock(vsock, AGENT_VSOCK_PORT, AGENT_CALL_DEADLINE)?;
+    let mut data = vec![0u8; RESEED_BYTES];
+    host_entropy(&mut data).map_err(|source| FactoryError::Host {
+        what: "getrandom for",
+        path: vsock.to_path_buf(),
+        source,
+    })?;
+    agent.reseed_random_dev(&ReseedRandomDevRequest { data }, AGENT_CALL_DEADLINE)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    agent.set_guest_date_time(
+        &SetGuestDateTimeRequest {
+            sec: now.as_secs() as i64,
+            usec: i64::from(now.subsec_micros()),
+        },
+        AGENT_CALL_DEADLINE,
+    )?;
+    agent.check(&CheckRequest::default(), AGENT_CALL_DEADLINE)?;
+    Ok(agent)
+}
+
+/// Fill `buf` from getrandom(2).
+pub fn host_entropy(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, a writable slice.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            filled += n as usize;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Errors of the factory, each naming the file, field or step at fault.
+
+use std::path::PathBuf;
+
+/// Why building a template or cloning a VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FactoryError {
+    /// The template directory (its files, manifest, state or config).
+    #[error(transparent)]
+    Template(#[from] snapshot::TemplateError),
+    /// Creating, restoring or driving the VM.
+    #[error(transparent)]
+    Vm(#[from] vmm::VmError),
+    /// Talking to the guest agent.
+    #[error("guest agent: {0}")]
+    Agent(#[from] agent_protocol::ClientError),
+    /// The template directory is not on tmpfs.
+    #[error("{dir} is on {fs_type}, not tmpfs: clones would page guest RAM from disk (use --mount-tmpfs, or --allow-non-tmpfs to accept it)")]
+    NotTmpfs {
+        /// The directory.
+        dir: PathBuf,
+        /// Its filesystem type (magic number).
+        fs_type: String,
+    },
+    /// A host call failed.
+    #[error("{what} {path}: {source}")]
+    Host {
+        /// The operation.
+        what: &'static str,
+        /// Its subject.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The guest did not reach a step in time.
+    #[error("the guest did not {step} within {secs} s (guest exit: {exit}; last console line: {last_line:?})")]
+    GuestTimeout {
+        /// What we waited for.
+        step: &'static str,
+        /// The deadline.
+        secs: u64,
+        /// How the VM ended, if it did.
+        exit: String,
+        /// The last console line.
+        last_line: Option<String>,
+    },
+    /// The kernel image could not be read.
+    #[error(transparent)]
+    Kernel(#[from] vmm::boot::BootError),
+}

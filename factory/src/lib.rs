@@ -1,0 +1,22 @@
+//! The template factory: build a VM template on tmpfs once (guest RAM is a
+//! MAP_SHARED file, so the snapshot of memory costs nothing), then hand out
+//! clones that map it MAP_PRIVATE, restore the saved state, and are made
+//! distinct machines (fresh entropy, host wall clock) before anyone uses them.
+
+pub mod clone;
+pub mod error;
+pub mod spec;
+pub mod template;
+pub mod tmpfs;
+
+pub use clone::{CloneOptions, CloneTimings, ClonedVm, TemplateHandle};
+pub use error::FactoryError;
+pub use spec::GuestSpec;
+pub use template::{create_template, CreateOptions};
+
+use std::time::Duration;
+
+/// Deadline for one agent call on the hot path (a bound, not an expectation).
+pub const AGENT_CALL_DEADLINE: Duration = Duration::from_secs(10);
+/// Deadline for a cold-booted guest to become ready.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(60);

@@ -1,0 +1,54 @@
+//! What guest to build a template of: vCPUs, memory, kernel, command line.
+
+use std::sync::Arc;
+
+use snapshot::{GuestConfig, KernelRef};
+use vmm::KernelImage;
+
+use crate::FactoryError;
+
+/// The devices every template VM has (agent over vsock, entropy over rng).
+pub const TEMPLATE_DEVICES: [&str; 2] = ["rng", "vsock"];
+
+/// A guest to boot into a template.
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+    /// Kernel image.
+    pub kernel: KernelImage,
+    /// Kernel command line (without the VMM's own additions).
+    pub cmdline: String,
+}
+
+impl GuestSpec {
+    /// The built-in test guest with `vcpus` and `mem_mib`.
+    pub fn testguest(vcpus: u32, mem_mib: u64) -> GuestSpec {
+        GuestSpec {
+            vcpus,
+            mem_mib,
+            kernel: KernelImage::Bytes {
+                name: testguest_image::TESTGUEST_NAME.into(),
+                data: Arc::from(testguest_image::TESTGUEST_ELF),
+            },
+            cmdline: String::new(),
+        }
+    }
+
+    /// The config recorded in (and compared against) a template manifest.
+    pub fn guest_config(&self) -> Result<GuestConfig, FactoryError> {
+        let image = self.kernel.read()?;
+        Ok(GuestConfig {
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            kernel: KernelRef {
+                path: self.kernel.name(),
+                sha256: snapshot::sha256_hex(&image),
+            },
+            cmdline: self.cmdline.clone(),
+            devices: TEMPLATE_DEVICES.iter().map(|d| d.to_string()).collect(),
+        })
+    }
+}

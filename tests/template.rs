@@ -1,0 +1,320 @@
+//! Templates and copy-on-write clones with real VMs (the test guest).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agent_protocol::{
+    AgentClient, CheckRequest, GetGuestTimeRequest, ReadRandomRequest, TouchMemoryRequest,
+    AGENT_VSOCK_PORT,
+};
+use factory::{create_template, CloneOptions, CreateOptions, GuestSpec, TemplateHandle};
+use vm_memory::{Bytes, GuestAddress};
+
+const CALL: Duration = Duration::from_secs(10);
+/// Where the guest's TouchMemory writes.
+const TOUCH_BASE: u64 = 0x100_0000;
+/// A clone's wall clock is set from the host's during readiness; allow for
+/// the RPC path and timer granularity (documented in the closing note).
+const CLOCK_TOLERANCE: Duration = Duration::from_millis(500);
+
+/// One template for the tests of this file, built once on /dev/shm.
+fn shared_template() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        remove_stale_dirs();
+        let dir = PathBuf::from(format!(
+            "/dev/shm/minivmm-e2e-template-{}",
+            std::process::id()
+        ));
+        create_template(
+            &dir,
+            &GuestSpec::testguest(1, 128),
+            &CreateOptions::default(),
+        )
+        .expect("build template");
+        dir
+    })
+}
+
+/// Tests hold this shared; the fd/thread census holds it exclusively.
+static CENSUS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    CENSUS.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    CENSUS.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Remove /dev/shm directories left by earlier test processes that are gone
+/// (a test binary has no teardown hook; each run cleans up after the last).
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("minivmm-e2e-")
+            .and_then(|rest| rest.rsplit('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn sha(path: &Path) -> String {
+    snapshot::sha256_hex(&std::fs::read(path).unwrap())
+}
+
+fn read_random(agent: &mut AgentClient) -> Vec<u8> {
+    agent
+        .read_random(&ReadRandomRequest { n: 32 }, CALL)
+        .unwrap()
+        .data
+}
+
+#[test]
+fn clones_have_distinct_rng_streams_unlike_the_template() {
+    let _shared = shared();
+    let handle = TemplateHandle::open(shared_template(), None).unwrap();
+    // A raw restore without the readiness step continues the template's own
+    // stream: what every clone would produce without a reseed.
+    let raw_socket = factory::template::temp_socket_path("raw");
+    let state: vmm::state::VmState = handle.template().read_state().unwrap();
+    let mut raw = vmm::Vm::restore(
+        vmm::vm::RestoreConfig {
+            id: "raw".into(),
+            memory: vmm::MemoryBackend::PrivateFile(handle.template().memory_path()),
+            console: Box::new(std::io::sink()),
+            vsock: Some(raw_socket.clone()),
+        },
+        &state,
+    )
+    .unwrap();
+    raw.start().unwrap();
+    let mut raw_agent =
+        AgentClient::connect_hybrid_vsock(&raw_socket, AGENT_VSOCK_PORT, CALL).unwrap();
+    let template_stream = read_random(&mut raw_agent);
+    raw.stop();
+    let _ = std::fs::remove_file(&raw_socket);
+
+    let mut a = handle.clone_vm(CloneOptions::default()).unwrap();
+    let mut b = handle.clone_vm(CloneOptions::default()).unwrap();
+    let (ra, rb) = (read_random(&mut a.agent), read_random(&mut b.agent));
+    assert_ne!(ra, rb, "two clones produced the same random bytes");
+    assert_ne!(ra, template_stream);
+    assert_ne!(rb, template_stream);
+    // Each call advances the stream.
+    assert_ne!(read_random(&mut a.agent), ra);
+}
+
+#[test]
+fn clone_clock_follows_the_host() {
+    let _shared = shared();
+    let handle = TemplateHandle::open(shared_template(), None).unwrap();
+    let mut c = handle.clone_vm(CloneOptions::default()).unwrap();
+    let t = c
+        .agent
+        .get_guest_time(&GetGuestTimeRequest::default(), CALL)
+        .unwrap();
+    let host = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let guest = Duration::new(t.sec as u64, (t.usec as u32) * 1000);
+    let diff = host.abs_diff(guest);
+    assert!(diff < CLOCK_TOLERANCE, "guest clock off by {diff:?}");
+}
+
+#[test]
+fn clone_writes_reach_neither_the_template_nor_other_clones() {
+    let _shared = shared();
+    let dir = shared_template();
+    let handle = TemplateHandle::open(dir, None).unwrap();
+    let memory = handle.template().memory_path();
+    let before = sha(&memory);
+    let mut a = handle.clone_vm(CloneOptions::default()).unwrap();
+    let b = handle.clone_vm(CloneOptions::default()).unwrap();
+    let mut b_before = vec![0u8; 64 * 4096];
+    b.vm.memory()
+        .read_slice(&mut b_before, GuestAddress(TOUCH_BASE))
+        .unwrap();
+    let r = a
+        .agent
+        .touch_memory(
+            &TouchMemoryRequest {
+                pages: 64,
+                pattern: 0xa7,
+            },
+            CALL,
+        )
+        .unwrap();
+    assert_eq!(r.pages, 64);
+    // The writing clone sees its own pattern...
+    let mut a_now = vec![0u8; 64 * 4096];
+    a.vm.memory()
+        .read_slice(&mut a_now, GuestAddress(TOUCH_BASE))
+        .unwrap();
+    assert!(a_now.iter().all(|&x| x == 0xa7));
+    // ...the other clone and the template file do not.
+    let mut b_now = vec![0u8; 64 * 4096];
+    b.vm.memory()
+        .read_slice(&mut b_now, GuestAddress(TOUCH_BASE))
+        .unwrap();
+    assert!(b_now == b_before, "clone B saw clone A's writes");
+    drop(a);
+    drop(b);
+    assert_eq!(sha(&memory), before, "the template memory file changed");
+}
+
+#[test]
+fn a_clone_can_be_paused_and_resumed() {
+    let _shared = shared();
+    let handle = TemplateHandle::open(shared_template(), None).unwrap();
+    let mut c = handle.clone_vm(CloneOptions::default()).unwrap();
+    c.vm.pause().unwrap();
+    c.vm.resume().unwrap();
+    c.agent.check(&CheckRequest::default(), CALL).unwrap();
+}
+
+fn count_dir(path: &str) -> usize {
+    std::fs::read_dir(path).unwrap().count()
+}
+
+// Runs as its own test binary section: other tests in this file start and
+// stop VMs concurrently, so it takes the lock they all share.
+#[test]
+fn fifty_clones_leave_no_fds_or_threads_behind() {
+    let _alone = exclusive();
+    let handle = TemplateHandle::open(shared_template(), None).unwrap();
+    // One clone first so lazily created process-wide resources exist.
+    drop(handle.clone_vm(CloneOptions::default()).unwrap());
+    let (fds, threads) = (count_dir("/proc/self/fd"), count_dir("/proc/self/task"));
+    for _ in 0..50 {
+        drop(handle.clone_vm(CloneOptions::default()).unwrap());
+    }
+    assert_eq!(count_dir("/proc/self/fd"), fds, "fds leaked");
+    assert_eq!(count_dir("/proc/self/task"), threads, "threads leaked");
+}
+
+#[test]
+fn restores_without_reseed_repeat_the_template_stream_and_a_reseed_changes_it() {
+    let _shared = shared();
+    let handle = TemplateHandle::open(shared_template(), None).unwrap();
+    let state: vmm::state::VmState = handle.template().read_state().unwrap();
+    let raw_stream = |reseed: Option<Vec<u8>>| {
+        let socket = factory::template::temp_socket_path("raw");
+        let mut vm = vmm::Vm::restore(
+            vmm::vm::RestoreConfig {
+                id: "raw".into(),
+                memory: vmm::MemoryBackend::PrivateFile(handle.template().memory_path()),
+                console: Box::new(std::io::sink()),
+                vsock: Some(socket.clone()),
+            },
+            &state,
+        )
+        .unwrap();
+        vm.start().unwrap();
+        let mut agent = AgentClient::connect_hybrid_vsock(&socket, AGENT_VSOCK_PORT, CALL).unwrap();
+        if let Some(data) = reseed {
+            agent
+                .reseed_random_dev(&agent_protocol::ReseedRandomDevRequest { data }, CALL)
+                .unwrap();
+        }
+        let bytes = read_random(&mut agent);
+        vm.stop();
+        let _ = std::fs::remove_file(&socket);
+        bytes
+    };
+    let first = raw_stream(None);
+    assert_eq!(
+        raw_stream(None),
+        first,
+        "the guest RNG is not deterministic across restores"
+    );
+    assert_ne!(
+        raw_stream(Some(vec![0x42; 64])),
+        first,
+        "ReseedRandomDev did not change the stream"
+    );
+}
+
+/// Copy the shared template into a fresh directory for corruption.
+fn copy_template(name: &str) -> PathBuf {
+    let src = shared_template();
+    let dst = PathBuf::from(format!(
+        "/dev/shm/minivmm-e2e-{name}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["memory", "state", "manifest"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    dst
+}
+
+fn open_err(dir: &Path, expected: Option<&snapshot::GuestConfig>) -> String {
+    match TemplateHandle::open(dir, expected) {
+        Ok(_) => panic!("a bad template in {} was accepted", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_templates_are_reported_and_left_as_they_were() {
+    let _shared = shared();
+    // A flipped byte in the state file.
+    let dir = copy_template("flipped");
+    let mut state = std::fs::read(dir.join("state")).unwrap();
+    let mid = state.len() / 2;
+    state[mid] ^= 0x40;
+    std::fs::write(dir.join("state"), &state).unwrap();
+    let e = open_err(&dir, None);
+    assert!(e.contains("state") && e.contains("checksum"), "{e}");
+    assert_eq!(
+        std::fs::read(dir.join("state")).unwrap(),
+        state,
+        "the template was modified"
+    );
+
+    // Truncated memory.
+    let dir = copy_template("truncated");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("memory"))
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    let e = open_err(&dir, None);
+    assert!(
+        e.contains("memory") && e.contains("1048576") && e.contains(&(128u64 << 20).to_string()),
+        "{e}"
+    );
+
+    // No manifest.
+    let dir = copy_template("nomanifest");
+    std::fs::remove_file(dir.join("manifest")).unwrap();
+    let e = open_err(&dir, None);
+    assert!(e.contains("incomplete template"), "{e}");
+
+    // Built with 1 vCPU, asked for 2.
+    let dir = copy_template("vcpus");
+    let mut want = snapshot::Template::open(&dir)
+        .unwrap()
+        .manifest()
+        .config
+        .clone();
+    want.vcpus = 2;
+    let e = open_err(&dir, Some(&want));
+    assert!(e.contains("vcpus"), "{e}");
+    for name in ["flipped", "truncated", "nomanifest", "vcpus"] {
+        let _ = std::fs::remove_dir_all(format!(
+            "/dev/shm/minivmm-e2e-{name}-{}",
+            std::process::id()
+        ));
+    }
+}

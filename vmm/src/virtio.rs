@@ -1,0 +1,261 @@
+//! Wiring virtio-mmio devices into a VM: each transport goes on the MMIO bus
+//! in the 32-bit gap, its interrupt becomes a KVM irqfd on an IOAPIC pin, its
+//! queue notifications KVM ioeventfds, and the devices' work runs on one
+//! event-loop thread per VM. Also their saved state.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::vsock::{Vsock, VsockState};
+use devices::virtio::{
+    kernel_cmdline_arg, EventLoop, EventLoopHandle, MmioTransport, MmioTransportState, Rng,
+    VirtioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use crate::bus::Bus;
+use crate::layout::VIRTIO_MMIO_START;
+
+/// First IOAPIC pin used by virtio devices (0-4 are legacy ISA devices).
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// The guest CID every VM gets (each VM has its own socket, so it need not differ).
+pub const GUEST_CID: u64 = 3;
+
+/// Which virtio devices a VM has.
+#[derive(Clone, Debug, Default)]
+pub struct VirtioConfig {
+    /// virtio-rng fed from the host's getrandom.
+    pub rng: bool,
+    /// virtio-vsock, hybrid over this unix socket path.
+    pub vsock: Option<PathBuf>,
+}
+
+/// Saved state of the virtio devices.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VirtioState {
+    /// The rng transport.
+    pub rng: Option<MmioTransportState>,
+    /// The vsock transport and device (without connections).
+    pub vsock: Option<(MmioTransportState, VsockState)>,
+}
+
+impl VirtioState {
+    /// Names of the devices, in slot order (for manifests and comparisons).
+    pub fn device_names(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.rng.is_some() {
+            v.push("rng".to_string());
+        }
+        if self.vsock.is_some() {
+            v.push("vsock".to_string());
+        }
+        v
+    }
+}
+
+/// Errors attaching virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// Creating a device failed.
+    #[error("cannot create virtio-{device}: {reason}")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A KVM registration failed.
+    #[error("{what} for virtio-{device} failed: {source}")]
+    Ioctl {
+        /// Which device.
+        device: &'static str,
+        /// Which registration.
+        what: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// The MMIO window is taken.
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+    /// A restore needs a vsock socket path for the clone.
+    #[error("the saved VM has a vsock device: give the restored VM a vsock socket path")]
+    VsockPathMissing,
+}
+
+/// A transport shared between the MMIO bus and the VM (for saving it).
+type SharedTransport = Arc<Mutex<MmioTransport>>;
+
+/// The live virtio devices of a VM.
+pub struct VirtioDevices {
+    rng: Option<SharedTransport>,
+    vsock: Option<(SharedTransport, Arc<Mutex<Vsock>>)>,
+    event_loop: Option<EventLoopHandle>,
+    cmdline: Vec<String>,
+}
+
+fn device_err(device: &'static str) -> impl Fn(String) -> VirtioError {
+    move |reason| VirtioError::Device { device, reason }
+}
+
+struct Wiring<'a> {
+    vm_id: &'a str,
+    vm_fd: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    bus: &'a mut Bus,
+    slot: u64,
+    cmdline: Vec<String>,
+}
+
+impl Wiring<'_> {
+    /// Put `device` behind a transport (new, or restored from `state`) in the next slot.
+    fn attach(
+        &mut self,
+        name: &'static str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: Option<&MmioTransportState>,
+    ) -> Result<Arc<Mutex<MmioTransport>>, VirtioError> {
+        let base = VIRTIO_MMIO_START + self.slot * MMIO_WINDOW_SIZE;
+        let irq = VIRTIO_FIRST_IRQ + self.slot as u32;
+        let mem = self.mem.clone();
+        let transport = match state {
+            Some(s) => MmioTransport::restore(self.vm_id, mem, device, s),
+            None => MmioTransport::new(self.vm_id, mem, device),
+        }
+        .map_err(|e| device_err(name)(e.to_string()))?;
+        let ioctl = |what| {
+            move |source| VirtioError::Ioctl {
+                device: name,
+                what,
+                source,
+            }
+        };
+        self.vm_fd
+            .register_irqfd(transport.irq_evt(), irq)
+            .map_err(ioctl("KVM_IRQFD"))?;
+        let evts = transport
+            .queue_notify_evts()
+            .map_err(|e| device_err(name)(e.to_string()))?;
+        for (queue, evt) in evts {
+            let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+            self.vm_fd
+                .register_ioevent(&evt, &addr, u32::from(queue))
+                .map_err(ioctl("KVM_IOEVENTFD"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.bus.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
+        self.cmdline.push(kernel_cmdline_arg(base, irq));
+        self.slot += 1;
+        Ok(transport)
+    }
+}
+
+impl VirtioDevices {
+    /// Create (state None) or restore the devices and wire them into the VM.
+    /// On restore the device set comes from `state`; `config.vsock` gives the
+    /// restored VM's own socket path.
+    pub fn attach(
+        vm_id: &str,
+        vm_fd: &VmFd,
+        mem: &GuestMemoryMmap,
+        bus: &mut Bus,
+        config: &VirtioConfig,
+        state: Option<&VirtioState>,
+    ) -> Result<VirtioDevices, VirtioError> {
+        let mut w = Wiring {
+            vm_id,
+            vm_fd,
+            mem,
+            bus,
+            slot: 0,
+            cmdline: Vec::new(),
+        };
+        let mut event_loop =
+            EventLoop::new().map_err(|e| device_err("event loop")(e.to_string()))?;
+        let want_rng = state.map_or(config.rng, |s| s.rng.is_some());
+        let rng = if want_rng {
+            let dev = Arc::new(Mutex::new(
+                Rng::new(vm_id).map_err(|e| device_err("rng")(e.to_string()))?,
+            ));
+            let t = w.attach("rng", dev.clone(), state.and_then(|s| s.rng.as_ref()))?;
+            event_loop.add_subscriber(dev);
+            Some(t)
+        } else {
+            None
+        };
+        let saved_vsock = state.and_then(|s| s.vsock.as_ref());
+        let want_vsock = state.map_or(config.vsock.is_some(), |s| s.vsock.is_some());
+        let vsock = if want_vsock {
+            let path = config.vsock.as_ref().ok_or(VirtioError::VsockPathMissing)?;
+            let dev = match saved_vsock {
+                Some((_, vs)) => Vsock::restore(vm_id, vs, path),
+                None => Vsock::new(vm_id, GUEST_CID, path),
+            }
+            .map_err(|e| device_err("vsock")(e.to_string()))?;
+            let dev = Arc::new(Mutex::new(dev));
+            let t = w.attach("vsock", dev.clone(), saved_vsock.map(|(t, _)| t))?;
+            event_loop.add_subscriber(dev.clone());
+            Some((t, dev))
+        } else {
+            None
+        };
+        let cmdline = std::mem::take(&mut w.cmdline);
+        let event_loop = if rng.is_some() || vsock.is_some() {
+            Some(
+                event_loop
+                    .start(vm_id)
+                    .map_err(|e| device_err("event loop")(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        Ok(VirtioDevices {
+            rng,
+            vsock,
+            event_loop,
+            cmdline,
+        })
+    }
+
+    /// The `virtio_mmio.device=` command-line arguments announcing the devices.
+    pub fn cmdline(&self) -> &[String] {
+        &self.cmdline
+    }
+
+    /// Tell the guest's vsock driver that every connection is gone (after a
+    /// restore: connections from before the snapshot cannot survive).
+    pub fn vsock_transport_reset(&self) {
+        if let Some((_, dev)) = &self.vsock {
+            dev.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send_transport_reset();
+        }
+    }
+
+    /// Save the devices' state (vCPUs paused).
+    pub fn save(&self) -> VirtioState {
+        let lock =
+            |t: &Arc<Mutex<MmioTransport>>| t.lock().unwrap_or_else(|p| p.into_inner()).save();
+        VirtioState {
+            rng: self.rng.as_ref().map(lock),
+            vsock: self
+                .vsock
+                .as_ref()
+                .map(|(t, d)| (lock(t), d.lock().unwrap_or_else(|p| p.into_inner()).save())),
+        }
+    }
+
+    /// Stop the device thread.
+    pub fn stop(&mut self) {
+        if let Some(h) = self.event_loop.take() {
+            h.stop();
+        }
+    }
+}
+
+impl Drop for VirtioDevices {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
