@@ -80,7 +80,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         }
         AgentCall::Reseed { n } => {
             let mut data = vec![0u8; n];
-            getrandom(&mut data)?;
+            factory::clone::host_entropy(&mut data).context("getrandom")?;
             client.reseed_random_dev(&ReseedRandomDevRequest { data }, deadline)?;
             serde_json::json!({"reseeded_bytes": n})
         }
@@ -123,23 +123,4 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Host entropy from getrandom(2).
-pub fn getrandom(buf: &mut [u8]) -> Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e).context("getrandom");
-            }
-        } else {
-            filled += n as usize;
-        }
-    }
-    Ok(())
 }

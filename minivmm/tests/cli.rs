@@ -202,3 +202,69 @@ fn guest_export_writes_the_elf() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("minivmm-testguest ready"));
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn agent_without_a_vm_says_so_in_one_line() {
+    let sock = temp_path("no-vm.vsock");
+    assert_one_line_error(
+        &minivmm(&["agent", "--vsock", sock.to_str().unwrap(), "check"]),
+        "no VM listening at",
+    );
+}
+
+#[test]
+fn template_create_refuses_a_directory_not_on_tmpfs() {
+    // The cargo target directory is on disk, not tmpfs.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("not-tmpfs-template");
+    assert_one_line_error(
+        &minivmm(&["template", "create", "--dir", dir.to_str().unwrap()]),
+        "not tmpfs",
+    );
+}
+
+#[test]
+fn killing_template_create_never_leaves_an_accepted_template() {
+    // Kill `template create` at many points of its run (each a different
+    // delay); whatever it left must be refused by `template check` unless the
+    // process had already finished successfully.
+    let dir = format!("/dev/shm/minivmm-cli-kill-{}", std::process::id());
+    let mut killed = 0;
+    for step in 0..12u64 {
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut child = Command::new(BIN)
+            .args(["template", "create", "--dir", &dir, "--mem-mib", "64"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        // Spread the kills over the run (0..33 ms in 3 ms steps): wait for
+        // the child's exit with that deadline, SIGKILL it if it still runs.
+        let status = match rx.recv_timeout(Duration::from_millis(3 * step)) {
+            Ok(s) => s.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                rx.recv().unwrap().unwrap()
+            }
+        };
+        let check = minivmm(&["template", "check", "--dir", &dir]);
+        if status.success() {
+            assert!(
+                check.status.success(),
+                "a finished create left a bad template"
+            );
+        } else {
+            killed += 1;
+            assert!(
+                !check.status.success(),
+                "template check accepted a template whose create was killed (step {step})"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(killed > 0, "no create was killed: the test proved nothing");
+}
