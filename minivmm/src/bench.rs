@@ -31,6 +31,19 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Agent RPCs over vsock: round trip of Check (p50/p99) and bulk
+    /// guest->host bytes (ReadRandom of 4 KiB per call).
+    Agent {
+        /// Round trips to time.
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
+        /// Bulk transfer size in MiB.
+        #[arg(long, default_value_t = 16)]
+        bulk_mib: usize,
+        /// Print JSON only.
+        #[arg(long)]
+        json: bool,
+    },
     /// Template clones: restore, resume and ready latency, cold boot of the
     /// same guest for the ratio, private memory per live clone, clones/s.
     Clone {
@@ -336,8 +349,100 @@ fn bench_clone(
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Serialize)]
+struct AgentReport {
+    benchmark: &'static str,
+    flavour: vmm::Flavour,
+    rpc_round_trip: Stats,
+    rpc_p50_us: f64,
+    rpc_p99_us: f64,
+    bulk_bytes: usize,
+    bulk_mib_per_sec: f64,
+}
+
+fn bench_agent(calls: usize, bulk_mib: usize, json: bool) -> Result<ExitCode> {
+    if calls == 0 || bulk_mib == 0 {
+        bail!("--calls and --bulk-mib must be at least 1");
+    }
+    let socket = factory::template::temp_socket_path("bench-agent");
+    let _ = std::fs::remove_file(&socket);
+    let lines = ConsoleLines::new();
+    let mut vm = Vm::create(VmConfig {
+        id: vmm::vm::default_vm_id(),
+        vcpus: 1,
+        mem_mib: 256,
+        memory: MemoryBackend::Anonymous,
+        kernel: crate::kernel_image(None),
+        cmdline: String::new(),
+        console: Box::new(lines.tap(Box::new(std::io::sink()))),
+        virtio: vmm::VirtioConfig {
+            rng: true,
+            vsock: Some(socket.clone()),
+        },
+    })?;
+    vm.start()?;
+    if lines.wait_for(testguest_image::READY_LINE, 0, READY_TIMEOUT).is_none() {
+        bail!("no ready line within {READY_TIMEOUT:?}");
+    }
+    let mut agent = agent_protocol::AgentClient::connect_hybrid_vsock(
+        &socket,
+        agent_protocol::AGENT_VSOCK_PORT,
+        READY_TIMEOUT,
+    )?;
+    let req = agent_protocol::CheckRequest::default();
+    for _ in 0..calls.min(100) {
+        agent.check(&req, READY_TIMEOUT)?;
+    }
+    let mut rtt = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        agent.check(&req, READY_TIMEOUT)?;
+        rtt.push(t.elapsed());
+    }
+    let chunk = 4096usize;
+    let total = bulk_mib << 20;
+    let t = Instant::now();
+    let mut got = 0;
+    while got < total {
+        let r = agent.read_random(
+            &agent_protocol::ReadRandomRequest { n: chunk as u32 },
+            READY_TIMEOUT,
+        )?;
+        if r.data.is_empty() {
+            bail!("the guest returned no bytes");
+        }
+        got += r.data.len();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    vm.stop();
+    let _ = std::fs::remove_file(&socket);
+    let stats = Stats::of(&rtt);
+    let report = AgentReport {
+        benchmark: "agent",
+        flavour: vmm::Flavour::detect(),
+        rpc_p50_us: stats.p50_us,
+        rpc_p99_us: stats.p99_us,
+        rpc_round_trip: stats,
+        bulk_bytes: got,
+        bulk_mib_per_sec: got as f64 / (1 << 20) as f64 / secs,
+    };
+    if !json {
+        println!(
+            "Check round trip: p50 {:.0} us, p99 {:.0} us ({} calls); bulk guest->host {:.1} MiB/s",
+            report.rpc_p50_us, report.rpc_p99_us, calls, report.bulk_mib_per_sec
+        );
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
+        BenchCommand::Agent {
+            calls,
+            bulk_mib,
+            json,
+        } => bench_agent(calls, bulk_mib, json),
         BenchCommand::Clone {
             template,
             count,
