@@ -381,7 +381,10 @@ fn bench_agent(calls: usize, bulk_mib: usize, json: bool) -> Result<ExitCode> {
         },
     })?;
     vm.start()?;
-    if lines.wait_for(testguest_image::READY_LINE, 0, READY_TIMEOUT).is_none() {
+    if lines
+        .wait_for(testguest_image::READY_LINE, 0, READY_TIMEOUT)
+        .is_none()
+    {
         bail!("no ready line within {READY_TIMEOUT:?}");
     }
     let mut agent = agent_protocol::AgentClient::connect_hybrid_vsock(

@@ -28,6 +28,7 @@ const X2APIC_LVT_TIMER: u32 = 0x832;
 const X2APIC_LVT_LINT0: u32 = 0x835;
 const X2APIC_LVT_ERROR: u32 = 0x837;
 const X2APIC_TIMER_INITIAL: u32 = 0x838;
+const X2APIC_TIMER_CURRENT: u32 = 0x839;
 const X2APIC_TIMER_DIVIDE: u32 = 0x83e;
 const SVR_APIC_ENABLE: u64 = 1 << 8;
 const LVT_MASKED: u64 = 1 << 16;
@@ -42,8 +43,11 @@ const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
 
 /// KVM's LAPIC timer rate (see the module doc).
 pub const KVM_APIC_BUS_HZ: u64 = 1_000_000_000;
-/// Timer interrupts per second on the BSP.
+/// Timer interrupts per second on the BSP (boot and actions).
 pub const TIMER_HZ: u64 = 100;
+/// Timer interrupts per second while the agent serves: only a safety net
+/// against a lost device interrupt (the agent never waits for the timer).
+pub const AGENT_TIMER_HZ: u64 = 1;
 
 /// The IOAPIC's MMIO base and registers (82093AA datasheet §3).
 const IOAPIC_BASE: usize = 0xfec0_0000;
@@ -113,6 +117,11 @@ pub fn timer_count(bus_hz: u64, hz: u64) -> u32 {
 
 /// Starts this CPU's LAPIC timer: periodic, `TIMER_HZ`, vector 0x20.
 pub fn start_timer(bus_hz: u64) {
+    set_timer_hz(bus_hz, TIMER_HZ);
+}
+
+/// (Re)programs this CPU's LAPIC timer: periodic, `hz`, vector 0x20.
+pub fn set_timer_hz(bus_hz: u64, hz: u64) {
     // SAFETY: x2APIC mode is on.
     unsafe {
         cpu::wrmsr(X2APIC_TIMER_DIVIDE, TIMER_DIVIDE_16);
@@ -120,10 +129,28 @@ pub fn start_timer(bus_hz: u64) {
             X2APIC_LVT_TIMER,
             LVT_TIMER_PERIODIC | u64::from(TIMER_VECTOR),
         );
-        cpu::wrmsr(
-            X2APIC_TIMER_INITIAL,
-            u64::from(timer_count(bus_hz, TIMER_HZ)),
-        );
+        cpu::wrmsr(X2APIC_TIMER_INITIAL, u64::from(timer_count(bus_hz, hz)));
+    }
+}
+
+/// The LAPIC timer's current count and its initial (reload) count.
+pub fn timer_counts() -> (u32, u32) {
+    // SAFETY: x2APIC mode is on.
+    unsafe {
+        (
+            cpu::rdmsr(X2APIC_TIMER_CURRENT) as u32,
+            cpu::rdmsr(X2APIC_TIMER_INITIAL) as u32,
+        )
+    }
+}
+
+/// Counts the periodic timer went down from `start` to `now` (both current
+/// counts), assuming it reloaded from `initial` at most once in between.
+pub fn timer_elapsed(start: u32, now: u32, initial: u32) -> u64 {
+    if now <= start {
+        u64::from(start - now)
+    } else {
+        u64::from(start) + u64::from(initial - now.min(initial))
     }
 }
 
@@ -200,6 +227,13 @@ mod tests {
         assert_eq!(timer_count(KVM_APIC_BUS_HZ, 100), 625_000);
         assert_eq!(timer_count(1, 100), 1);
         assert_eq!(timer_count(u64::MAX, 1), u32::MAX);
+    }
+
+    #[test]
+    fn timer_elapsed_across_a_reload() {
+        assert_eq!(timer_elapsed(500, 200, 1000), 300);
+        assert_eq!(timer_elapsed(100, 900, 1000), 200);
+        assert_eq!(timer_elapsed(100, 100, 1000), 0);
     }
 
     #[test]

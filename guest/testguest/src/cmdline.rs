@@ -5,8 +5,10 @@
 //! - `cpus=<n>`: how many vCPUs the VMM started (default 1); the guest waits
 //!   for that many to report in before it says ready.
 //! - `virtio_mmio.device=<size>@<addr>:<irq>`: a virtio-mmio device (Linux
-//!   syntax); the guest routes its IOAPIC pin, nothing more yet.
+//!   syntax); the kernel routes its IOAPIC pin and hands it to the agent.
 //! - `lapic_bus_hz=<n>`: LAPIC timer input rate if not KVM's 1 GHz.
+//!
+//! The agent reads its own tokens (`vsock_connect=`) from the same text.
 
 #![cfg_attr(test, allow(dead_code))]
 
@@ -14,12 +16,12 @@
 pub const MAX_CPUS: u32 = 64;
 
 /// The most virtio-mmio devices the guest records.
-pub const MAX_VIRTIO_MMIO: usize = 16;
+pub const MAX_VIRTIO_MMIO: usize = testguest_abi::MAX_DEVICES;
 
 /// What the guest does once it is ready.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action<'a> {
-    /// No `action=`: idle forever (the future agent lives here).
+    /// No `action=`: the agent serves (or, without devices, idles) forever.
     Idle,
     /// `action=reset`: reset the VM through the i8042.
     Reset,

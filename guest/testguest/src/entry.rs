@@ -2,7 +2,8 @@
 //! protocol plus minivmm's extension): long mode, paging on (identity map of
 //! the first 16 GiB), interrupts off, RSI = zero page, RDI = vCPU index. It
 //! moves to this CPU's stack in .bss at once and calls `kernel::rust_entry`.
-//! Also the "minivmm" ELF note that asks the VMM to start every vCPU here.
+//! Also the "minivmm" ELF notes that ask the VMM to start every vCPU here,
+//! and (on PVM) to start them in native mode.
 
 use core::arch::global_asm;
 
@@ -53,6 +54,13 @@ _start:
     .long 8             /* namesz, including the NUL */
     .long 0             /* descsz */
     .long 0x4d560001    /* type */
+    .asciz "minivmm"
+    .balign 4
+    /* ELF note "minivmm", type 0x4d560002, no descriptor: on PVM, enter us
+       in native mode (CS 0x33; see trap.rs for what the kernel does then). */
+    .long 8
+    .long 0
+    .long 0x4d560002
     .asciz "minivmm"
     .balign 4
     .popsection

@@ -1,13 +1,14 @@
 //! What the guest does with an event, whichever path delivered it: faults
 //! are reported and reset the VM; interrupts are acknowledged (timer ticks
-//! are also counted; device interrupts have no driver yet).
+//! are counted; device interrupts are handed to the agent as a bit in
+//! `BootInfo::pending_irqs`, its drivers do the rest in user mode).
 //!
 //! Vectors: exceptions 0-31; LAPIC timer 0x20; IOAPIC pin N at 0x30 + N; the
 //! wake-up IPI 0xf0; spurious 0xff.
 
 #![cfg_attr(test, allow(dead_code))]
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use crate::trap::TrapFrame;
 use crate::{apic, cpu, pvm, serial, trap};
@@ -23,19 +24,47 @@ pub const SPURIOUS_VECTOR: u8 = 0xff;
 /// RFLAGS.IF.
 const RFLAGS_IF: u64 = 1 << 9;
 
-/// Whether the PVM event path is in use (set once by the BSP at boot).
-static PVM: AtomicBool = AtomicBool::new(false);
+/// How events reach the guest (see `EventPath`), set once by the BSP at boot.
+static PATH: AtomicU8 = AtomicU8::new(EventPath::Idt as u8);
 /// LAPIC timer ticks seen by the BSP.
 static TICKS: AtomicU64 = AtomicU64::new(0);
 
+/// How events reach the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EventPath {
+    /// Through the IDT at CPL 0: hardware virtualization, or PVM emulating
+    /// the guest's CPL-0 code (`trap`).
+    Idt = 0,
+    /// Through the IDT in PVM native mode: CPL 3, gates on CS 0x33 (`trap`).
+    IdtNative = 1,
+    /// Through PVM's event entry and the PVCS (`pvm`).
+    Pvm = 2,
+}
+
 /// Records which event path this guest uses.
-pub fn set_pvm(pvm: bool) {
-    PVM.store(pvm, Ordering::Release);
+pub fn set_path(path: EventPath) {
+    PATH.store(path as u8, Ordering::Release);
+}
+
+/// The event path in use.
+pub fn path() -> EventPath {
+    match PATH.load(Ordering::Acquire) {
+        1 => EventPath::IdtNative,
+        2 => EventPath::Pvm,
+        _ => EventPath::Idt,
+    }
 }
 
 /// Whether the PVM event path is in use.
 pub fn is_pvm() -> bool {
-    PVM.load(Ordering::Acquire)
+    path() == EventPath::Pvm
+}
+
+/// Whether an event with this frame interrupted user mode (the agent): only
+/// the CPL-0 IDT path has a user mode; in native mode all code is at CPL 3.
+fn from_user_mode(frame: &TrapFrame) -> bool {
+    frame.cs & 3 == 3 && path() == EventPath::Idt
 }
 
 /// Timer ticks so far.
@@ -61,9 +90,13 @@ pub extern "C" fn hw_event(frame: &mut TrapFrame) {
         fatal_fault(vector, frame, cr2);
     }
     interrupt(vector);
-    // Interrupts are only ever enabled in the idle halt; go back to it with
-    // them disabled so no second event lands before its CLI.
-    frame.rflags &= !RFLAGS_IF;
+    // In the kernel, interrupts are only ever enabled in the idle halt: go
+    // back to it with them disabled so no second event lands before its CLI
+    // (native mode ignores the flag on IRETQ and returns with it clear
+    // anyway). User mode always runs with them enabled.
+    if !from_user_mode(frame) {
+        frame.rflags &= !RFLAGS_IF;
+    }
 }
 
 /// PVM path: called by the supervisor event entry; `frame.vector` holds the
@@ -120,15 +153,23 @@ fn interrupt(vector: u8) {
         }
         // Nothing to acknowledge for a spurious interrupt.
         SPURIOUS_VECTOR => return,
+        v if (IRQ_BASE_VECTOR..IRQ_BASE_VECTOR + apic::IOAPIC_MAX_PINS as u8).contains(&v) => {
+            crate::usermode::note_irq(u32::from(v - IRQ_BASE_VECTOR));
+        }
         _ => {}
     }
     apic::eoi();
 }
 
 fn fatal_fault(vector: u8, frame: &TrapFrame, cr2: u64) -> ! {
+    let mode = if from_user_mode(frame) {
+        " (user mode)"
+    } else {
+        ""
+    };
     serial::print_unlocked(format_args!(
-        "testguest fault: vector {} rip {:#x} error {:#x} cr2 {:#x} rsp {:#x}\n",
-        vector, frame.rip, frame.error, cr2, frame.rsp
+        "testguest fault: vector {} rip {:#x} error {:#x} cr2 {:#x} rsp {:#x}{}\n",
+        vector, frame.rip, frame.error, cr2, frame.rsp, mode
     ));
     cpu::reset()
 }

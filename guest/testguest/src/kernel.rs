@@ -1,11 +1,14 @@
-//! The guest's life: BSP and AP bring-up, then the command line's action.
+//! The guest's life: BSP and AP bring-up, then the agent (see `usermode`)
+//! and the command line's action.
 
 use core::panic::PanicInfo;
 
 use crate::boot_params::{self, E820Map, ZERO_PAGE_SIZE};
 use crate::cmdline::{Action, Cmdline};
+use crate::event::EventPath;
 use crate::println;
-use crate::{apic, cpu, event, percpu, pvm, serial, smp, trap};
+use crate::usermode::AgentStart;
+use crate::{apic, cpu, event, kvmclock, percpu, pvm, serial, smp, trap, usermode};
 
 /// The VMM identity-maps this much guest-physical memory (boot contract).
 const IDENTITY_MAP_END: u64 = 16 << 30;
@@ -29,10 +32,10 @@ pub extern "C" fn rust_entry(cpu: u64, boot_params: u64) -> ! {
 
 /// Per-CPU event handling on whichever path this guest uses.
 fn setup_events(area: &mut percpu::CpuArea) {
-    if event::is_pvm() {
-        pvm::setup_cpu(area);
-    } else {
-        trap::setup_cpu(area);
+    match event::path() {
+        EventPath::Pvm => pvm::setup_cpu(area),
+        EventPath::IdtNative => trap::setup_cpu(area, true),
+        EventPath::Idt => trap::setup_cpu(area, false),
     }
 }
 
@@ -45,17 +48,28 @@ fn cpuid(leaf: u32) -> cpu::CpuidResult {
 }
 
 fn bsp_main(boot_params: u64) -> ! {
-    // Only hardware-virtualization (or real hardware) delivers through the
-    // IDT; under PVM the IDT is ignored and events come through the PVCS.
-    // Both paths exist; only the IDT path could be exercised on the PVM KVM
-    // of the project's machines (see `pvm`).
-    let pvm = pvm::detect();
-    event::set_pvm(pvm);
+    let boot_tsc = kvmclock::rdtsc();
+    // Hardware virtualization (or real hardware), and the PVM KVM of the
+    // project's machines whether it emulates our CPL-0 code or runs us in its
+    // native mode (CS RPL 3, see `trap`), deliver through the IDT; under PVM
+    // proper the IDT is ignored and events come through the PVCS (that path
+    // is not exercised here, see `pvm`).
+    let path = if pvm::detect() {
+        EventPath::Pvm
+    } else if cpu::read_cs() & 3 == 3 {
+        EventPath::IdtNative
+    } else {
+        EventPath::Idt
+    };
+    event::set_path(path);
+    let pvm = path != EventPath::Idt;
     // SAFETY: the BSP owns area 0.
     let area = unsafe { percpu::area(0) };
     area.init(0);
     setup_events(area);
-    if !apic::has_x2apic(cpuid(1).ecx) {
+    // In PVM native mode CPUID is not trapped and describes the host, not
+    // the vCPU (measured): the check would be meaningless there.
+    if path != EventPath::IdtNative && !apic::has_x2apic(cpuid(1).ecx) {
         panic!("x2APIC is not offered in CPUID leaf 1");
     }
     apic::enable_local();
@@ -63,8 +77,8 @@ fn bsp_main(boot_params: u64) -> ! {
     smp::release_aps(apic::id());
 
     // From here faults are reported, so the boot data can be read.
-    let (e820, cmdline) = read_boot_params(boot_params);
-    let cmdline = Cmdline::parse(cmdline);
+    let (e820, cmdline_text) = read_boot_params(boot_params);
+    let cmdline = Cmdline::parse(cmdline_text);
 
     apic::mask_pic();
     let devices = cmdline.virtio_mmio;
@@ -76,7 +90,8 @@ fn bsp_main(boot_params: u64) -> ! {
             apic::PinRoute::Masked
         }
     });
-    apic::start_timer(cmdline.lapic_bus_hz.unwrap_or(apic::KVM_APIC_BUS_HZ));
+    let bus_hz = cmdline.lapic_bus_hz.unwrap_or(apic::KVM_APIC_BUS_HZ);
+    apic::start_timer(bus_hz);
 
     let deadline = event::ticks() + AP_TIMEOUT_TICKS;
     while smp::online() < cmdline.cpus {
@@ -97,8 +112,30 @@ fn bsp_main(boot_params: u64) -> ! {
         smp::online(),
         e820.ram_bytes() >> 20
     );
-    println!("minivmm-testguest ready");
-    run(cmdline.action, &e820)
+    // The agent starts when it has something to do: serve devices, or idle
+    // in their place. An action without devices runs here, as it always did.
+    let has_devices = cmdline.virtio_mmio.iter().any(Option::is_some);
+    if !has_devices && cmdline.action != Action::Idle {
+        println!("minivmm-testguest ready");
+        run(cmdline.action, &e820)
+    }
+    let touch_len = e820
+        .ram_extent(TOUCH_BASE)
+        .min(IDENTITY_MAP_END - TOUCH_BASE);
+    // The agent prints the ready line (through the kernel) once it listens,
+    // and then the kernel runs the action, if any.
+    usermode::start_agent(AgentStart {
+        cmdline: &cmdline,
+        cmdline_text,
+        e820,
+        pvm,
+        native: path == EventPath::IdtNative,
+        bus_hz,
+        cpuid,
+        boot_tsc,
+        touch_base: TOUCH_BASE,
+        touch_len,
+    })
 }
 
 fn ap_main(index: u32) -> ! {
@@ -158,7 +195,9 @@ fn read_boot_params(addr: u64) -> (E820Map<'static>, &'static str) {
     }
 }
 
-fn run(action: Action, e820: &E820Map) -> ! {
+/// Runs the command line's action (never `Action::Idle`, which is the
+/// agent's), on the BSP with interrupts off.
+pub(crate) fn run(action: Action, e820: &E820Map) -> ! {
     match action {
         Action::Idle => loop {
             event::idle_wait();

@@ -23,8 +23,9 @@ pub struct CpuInfo {
     pub index: u64,
     /// Top of `fault_stack`, for entry code that cannot trust RSP.
     pub fault_stack_top: u64,
-    /// Hardware path: this CPU's GDT (null, null, code 0x10, data 0x18, TSS 0x20).
-    pub gdt: [u64; 8],
+    /// Hardware path: this CPU's GDT (see `trap`: null, null, kernel code
+    /// 0x10, kernel data 0x18, unused, user data 0x2b, user code 0x33, TSS 0x38).
+    pub gdt: [u64; crate::trap::GDT_SLOTS],
     /// Hardware path: this CPU's 64-bit TSS (104 bytes, 4-byte aligned fields).
     pub tss: [u32; 26],
 }
@@ -78,5 +79,10 @@ impl CpuArea {
     /// Top of the interrupt stack.
     pub fn irq_stack_top(&self) -> u64 {
         self.irq_stack.as_ptr_range().end as u64
+    }
+
+    /// Top of the normal stack (also RSP0: system calls from user mode).
+    pub fn stack_top(&self) -> u64 {
+        self.stack.as_ptr_range().end as u64
     }
 }

@@ -40,6 +40,21 @@ pub fn print_locked(args: fmt::Arguments) {
     LOCK.store(false, Ordering::Release);
 }
 
+/// Writes raw bytes (the agent's console output) under the console lock.
+/// Only ever called with interrupts disabled, like `print_locked`.
+pub fn write_bytes_locked(bytes: &[u8]) {
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        cpu::relax();
+    }
+    for &b in bytes {
+        cpu::outb(COM1_THR, b);
+    }
+    LOCK.store(false, Ordering::Release);
+}
+
 /// Prints without taking the lock: for the fatal paths (fault, panic), which
 /// may run while this CPU holds it.
 pub fn print_unlocked(args: fmt::Arguments) {

@@ -1,6 +1,8 @@
 //! Checks of the built guest image (host-side): the ELF layout the VMM relies
-//! on, and that it contains no instruction the PVM KVM of the project's
-//! machines cannot run.
+//! on, and that the kernel contains no instruction the PVM KVM of the
+//! project's machines cannot emulate. The agent (section `.agent_image`, not
+//! marked executable, so objdump leaves it alone) always runs natively and
+//! may use any of them.
 //!
 //! That KVM executes the guest's supervisor code in the kernel's x86
 //! instruction emulator, which supports the SSE moves (MOVUPS/MOVAPS/MOVUPD/
@@ -87,18 +89,36 @@ fn image_layout_and_instructions() {
             lowest = lowest.min(paddr);
         }
         if kind == 4 {
-            // namesz 8, descsz 0, type 0x4d560001, "minivmm\0".
+            // Two notes "minivmm\0", namesz 8, descsz 0: type 0x4d560001
+            // (direct AP start), then 0x4d560002 (PVM native mode).
             let note = &elf[offset..offset + filesz];
-            assert_eq!(note.len(), 20);
-            assert_eq!(u32_at(note, 0), 8);
-            assert_eq!(u32_at(note, 4), 0);
-            assert_eq!(u32_at(note, 8), 0x4d56_0001);
-            assert_eq!(&note[12..20], b"minivmm\0");
+            assert_eq!(note.len(), 40);
+            for (i, kind) in [0x4d56_0001, 0x4d56_0002].into_iter().enumerate() {
+                let n = &note[20 * i..20 * (i + 1)];
+                assert_eq!(u32_at(n, 0), 8);
+                assert_eq!(u32_at(n, 4), 0);
+                assert_eq!(u32_at(n, 8), kind);
+                assert_eq!(&n[12..20], b"minivmm\0");
+            }
             notes += 1;
         }
     }
-    assert_eq!(notes, 1, "one PT_NOTE with the minivmm note");
+    assert_eq!(notes, 1, "one PT_NOTE with the minivmm notes");
     assert_eq!(lowest, 0x20_0000);
+
+    // The agent's bytes are data to objdump (it runs natively, SSE and all).
+    let headers = Command::new("objdump")
+        .arg("-h")
+        .arg(&path)
+        .output()
+        .expect("objdump (binutils) is needed for this test");
+    let headers = String::from_utf8_lossy(&headers.stdout);
+    let mut lines = headers.lines();
+    lines
+        .find(|l| l.split_whitespace().nth(1) == Some(".agent"))
+        .expect("an .agent section");
+    let flags = lines.next().unwrap_or("");
+    assert!(flags.contains("DATA") && !flags.contains("CODE"), "{flags}");
 
     let out = Command::new("objdump")
         .args(["-d", "--no-show-raw-insn", "-M", "att"])
