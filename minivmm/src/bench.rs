@@ -192,6 +192,7 @@ struct CloneReport {
     restore: Stats,
     resume: Stats,
     agent_ready: Stats,
+    teardown: Stats,
     cold_boot: Stats,
 }
 
@@ -261,6 +262,7 @@ fn bench_clone(
     drop(handle.clone_vm(factory::CloneOptions::default())?);
 
     let (mut total, mut restore, mut resume, mut ready) = (vec![], vec![], vec![], vec![]);
+    let mut teardown = vec![];
     let seq_start = Instant::now();
     for i in 0..count {
         let c = handle.clone_vm(factory::CloneOptions::default())?;
@@ -269,7 +271,9 @@ fn bench_clone(
         restore.push(t.restore);
         resume.push(t.resume);
         ready.push(t.ready);
+        let t_drop = Instant::now();
         drop(c);
+        teardown.push(t_drop.elapsed());
         if !json {
             eprint!("\rclone {}/{count}", i + 1);
         }
@@ -314,6 +318,7 @@ fn bench_clone(
         restore: Stats::of(&restore),
         resume: Stats::of(&resume),
         agent_ready: Stats::of(&ready),
+        teardown: Stats::of(&teardown),
         cold_boot,
     };
     if !json {
@@ -326,6 +331,7 @@ fn bench_clone(
             ("  restore", &report.restore),
             ("  resume", &report.resume),
             ("  agent (reseed,time)", &report.agent_ready),
+            ("teardown", &report.teardown),
             ("cold boot -> agent", &report.cold_boot),
         ] {
             println!(
