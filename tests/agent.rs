@@ -114,10 +114,7 @@ fn guest_clock_follows_set_time() {
     let t = a
         .get_guest_time(&GetGuestTimeRequest::default(), CALL)
         .unwrap();
-    let host = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let guest = Duration::new(t.sec as u64, (t.usec as u32) * 1000);
-    let diff = host.abs_diff(guest);
-    assert!(diff < CLOCK_TOLERANCE, "guest clock off by {diff:?}");
+    e2e::assert_clock_near_host(&t, CLOCK_TOLERANCE);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use agent_protocol::{
     AgentClient, CheckRequest, GetGuestTimeRequest, ReadRandomRequest, TouchMemoryRequest,
@@ -124,10 +124,7 @@ fn clone_clock_follows_the_host() {
         .agent
         .get_guest_time(&GetGuestTimeRequest::default(), CALL)
         .unwrap();
-    let host = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let guest = Duration::new(t.sec as u64, (t.usec as u32) * 1000);
-    let diff = host.abs_diff(guest);
-    assert!(diff < CLOCK_TOLERANCE, "guest clock off by {diff:?}");
+    e2e::assert_clock_near_host(&t, CLOCK_TOLERANCE);
 }
 
 #[test]
@@ -258,8 +255,25 @@ fn copy_template(name: &str) -> PathBuf {
     dst
 }
 
+/// Name and SHA-256 of every file in `dir`.
+fn fingerprint(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().to_string(), sha(&e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Open a bad template: the error text, after checking that nothing on disk changed.
 fn open_err(dir: &Path, expected: Option<&snapshot::GuestConfig>) -> String {
-    match TemplateHandle::open(dir, expected) {
+    let before = fingerprint(dir);
+    let result = TemplateHandle::open(dir, expected);
+    assert_eq!(fingerprint(dir), before, "opening the template modified it");
+    match result {
         Ok(_) => panic!("a bad template in {} was accepted", dir.display()),
         Err(e) => e.to_string(),
     }

@@ -15,6 +15,8 @@ use vmm::state::VmState;
 use vmm::vm::RestoreConfig;
 use vmm::{MemoryBackend, Vm};
 
+pub use devices::virtio::rng::host_random as host_entropy;
+
 use crate::template::temp_socket_path;
 use crate::{FactoryError, AGENT_CALL_DEADLINE};
 
@@ -123,6 +125,17 @@ impl TemplateHandle {
     }
 }
 
+/// The host's wall clock as a SetGuestDateTime request.
+pub fn host_wall_clock() -> SetGuestDateTimeRequest {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    SetGuestDateTimeRequest {
+        sec: now.as_secs() as i64,
+        usec: i64::from(now.subsec_micros()),
+    }
+}
+
 /// Connect to a freshly resumed clone's agent and make it its own machine.
 fn ready(vsock: &Path) -> Result<AgentClient, FactoryError> {
     let mut agent =
@@ -134,35 +147,7 @@ fn ready(vsock: &Path) -> Result<AgentClient, FactoryError> {
         source,
     })?;
     agent.reseed_random_dev(&ReseedRandomDevRequest { data }, AGENT_CALL_DEADLINE)?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    agent.set_guest_date_time(
-        &SetGuestDateTimeRequest {
-            sec: now.as_secs() as i64,
-            usec: i64::from(now.subsec_micros()),
-        },
-        AGENT_CALL_DEADLINE,
-    )?;
+    agent.set_guest_date_time(&host_wall_clock(), AGENT_CALL_DEADLINE)?;
     agent.check(&CheckRequest::default(), AGENT_CALL_DEADLINE)?;
     Ok(agent)
-}
-
-/// Fill `buf` from getrandom(2).
-pub fn host_entropy(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: the pointer and length describe `rest`, a writable slice.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        } else {
-            filled += n as usize;
-        }
-    }
-    Ok(())
 }

@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use agent_protocol::{
     AgentClient, CheckRequest, GetGuestTimeRequest, GuestDetailsRequest, ReadRandomRequest,
-    ReseedRandomDevRequest, SetGuestDateTimeRequest, TouchMemoryRequest, AGENT_VSOCK_PORT,
+    ReseedRandomDevRequest, TouchMemoryRequest, AGENT_VSOCK_PORT,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -89,17 +89,9 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             serde_json::json!({"sec": r.sec, "usec": r.usec, "monotonic_ns": r.monotonic_ns})
         }
         AgentCall::SetTime => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .context("host clock before 1970")?;
-            client.set_guest_date_time(
-                &SetGuestDateTimeRequest {
-                    sec: now.as_secs() as i64,
-                    usec: i64::from(now.subsec_micros()),
-                },
-                deadline,
-            )?;
-            serde_json::json!({"sec": now.as_secs(), "usec": now.subsec_micros()})
+            let now = factory::clone::host_wall_clock();
+            client.set_guest_date_time(&now, deadline)?;
+            serde_json::json!({"sec": now.sec, "usec": now.usec})
         }
         AgentCall::Touch { pages, pattern } => {
             let r = client.touch_memory(&TouchMemoryRequest { pages, pattern }, deadline)?;

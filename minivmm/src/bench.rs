@@ -196,12 +196,13 @@ struct CloneReport {
     cold_boot: Stats,
 }
 
-/// Cold boot of the template's guest with its devices, to an answered agent Check.
-fn cold_boot_to_agent(spec: &factory::GuestSpec) -> Result<Duration> {
-    let socket = factory::template::temp_socket_path("bench-cold");
+/// Boot `spec` with rng + vsock and connect to its agent once it is ready.
+fn boot_with_agent(
+    spec: &factory::GuestSpec,
+) -> Result<(Vm, agent_protocol::AgentClient, PathBuf)> {
+    let socket = factory::template::temp_socket_path("bench");
     let _ = std::fs::remove_file(&socket);
     let lines = ConsoleLines::new();
-    let t0 = Instant::now();
     let mut vm = Vm::create(VmConfig {
         id: vmm::vm::default_vm_id(),
         vcpus: spec.vcpus,
@@ -220,13 +221,20 @@ fn cold_boot_to_agent(spec: &factory::GuestSpec) -> Result<Duration> {
         .wait_for(testguest_image::READY_LINE, 0, READY_TIMEOUT)
         .is_none()
     {
-        bail!("cold boot: no ready line within {READY_TIMEOUT:?}");
+        bail!("no ready line within {READY_TIMEOUT:?}");
     }
-    let mut agent = agent_protocol::AgentClient::connect_hybrid_vsock(
+    let agent = agent_protocol::AgentClient::connect_hybrid_vsock(
         &socket,
         agent_protocol::AGENT_VSOCK_PORT,
         READY_TIMEOUT,
     )?;
+    Ok((vm, agent, socket))
+}
+
+/// Cold boot of the template's guest with its devices, to an answered agent Check.
+fn cold_boot_to_agent(spec: &factory::GuestSpec) -> Result<Duration> {
+    let t0 = Instant::now();
+    let (mut vm, mut agent, socket) = boot_with_agent(spec)?;
     agent.check(&agent_protocol::CheckRequest::default(), READY_TIMEOUT)?;
     let t = t0.elapsed();
     vm.stop();
@@ -370,34 +378,7 @@ fn bench_agent(calls: usize, bulk_mib: usize, json: bool) -> Result<ExitCode> {
     if calls == 0 || bulk_mib == 0 {
         bail!("--calls and --bulk-mib must be at least 1");
     }
-    let socket = factory::template::temp_socket_path("bench-agent");
-    let _ = std::fs::remove_file(&socket);
-    let lines = ConsoleLines::new();
-    let mut vm = Vm::create(VmConfig {
-        id: vmm::vm::default_vm_id(),
-        vcpus: 1,
-        mem_mib: 256,
-        memory: MemoryBackend::Anonymous,
-        kernel: crate::kernel_image(None),
-        cmdline: String::new(),
-        console: Box::new(lines.tap(Box::new(std::io::sink()))),
-        virtio: vmm::VirtioConfig {
-            rng: true,
-            vsock: Some(socket.clone()),
-        },
-    })?;
-    vm.start()?;
-    if lines
-        .wait_for(testguest_image::READY_LINE, 0, READY_TIMEOUT)
-        .is_none()
-    {
-        bail!("no ready line within {READY_TIMEOUT:?}");
-    }
-    let mut agent = agent_protocol::AgentClient::connect_hybrid_vsock(
-        &socket,
-        agent_protocol::AGENT_VSOCK_PORT,
-        READY_TIMEOUT,
-    )?;
+    let (mut vm, mut agent, socket) = boot_with_agent(&factory::GuestSpec::testguest(1, 256))?;
     let req = agent_protocol::CheckRequest::default();
     for _ in 0..calls.min(100) {
         agent.check(&req, READY_TIMEOUT)?;

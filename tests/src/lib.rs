@@ -70,3 +70,14 @@ impl TestVm {
 pub fn temp_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("minivmm-e2e-{}-{name}", std::process::id()))
 }
+
+/// Assert that a guest's wall clock (from GetGuestTime) is within
+/// `tolerance` of the host's.
+pub fn assert_clock_near_host(t: &agent_protocol::GetGuestTimeResponse, tolerance: Duration) {
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let guest = Duration::new(t.sec as u64, (t.usec as u32) * 1000);
+    let diff = host.abs_diff(guest);
+    assert!(diff < tolerance, "guest clock off by {diff:?}");
+}

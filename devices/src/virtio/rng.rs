@@ -89,8 +89,8 @@ fn fill_random(writer: &mut Writer<'_>, buf: &mut Vec<u8>) -> std::io::Result<u3
     Ok(len as u32)
 }
 
-/// Fill `buf` from the host kernel's CSPRNG.
-fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
+/// Fill `buf` from the host kernel's CSPRNG (getrandom(2)).
+pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
