@@ -33,6 +33,10 @@ impl Drop for AgentVm {
 }
 
 fn boot_with_agent(name: &str, cmdline: &str) -> AgentVm {
+    boot_with_agent_mode(name, cmdline, true)
+}
+
+fn boot_with_agent_mode(name: &str, cmdline: &str, allow_pvm_native: bool) -> AgentVm {
     let socket = temp_path(&format!("{name}.vsock"));
     let _ = std::fs::remove_file(&socket);
     let console = ConsoleLines::new();
@@ -48,6 +52,7 @@ fn boot_with_agent(name: &str, cmdline: &str) -> AgentVm {
             rng: true,
             vsock: Some(socket.clone()),
         },
+        allow_pvm_native,
     })
     .expect("create VM");
     vm.start().expect("start");
@@ -80,6 +85,33 @@ fn check_and_details_answer() {
         "{}",
         d.memory_bytes
     );
+}
+
+#[test]
+fn guest_runs_in_pvm_native_mode_on_pvm() {
+    let v = boot_with_agent("agent-native", "");
+    let d = connect(&v)
+        .get_guest_details(&GuestDetailsRequest::default(), CALL)
+        .unwrap();
+    assert_eq!(d.pvm, v.vm.flavour() == vmm::Flavour::Pvm);
+}
+
+#[test]
+fn agent_also_serves_when_the_guest_is_entered_at_cpl0() {
+    // Without native mode the test guest runs its agent in user mode (CPL 3,
+    // native speed) over a kernel that KVM emulates.
+    let v = boot_with_agent_mode("agent-cpl0", "", false);
+    let mut a = connect(&v);
+    a.check(&CheckRequest::default(), CALL).unwrap();
+    let d = a
+        .get_guest_details(&GuestDetailsRequest::default(), CALL)
+        .unwrap();
+    assert!(!d.pvm, "a guest entered at CPL 0 reported PVM native mode");
+    let x = a
+        .read_random(&ReadRandomRequest { n: 16 }, CALL)
+        .unwrap()
+        .data;
+    assert_eq!(x.len(), 16);
 }
 
 #[test]

@@ -116,6 +116,7 @@ pub fn create_template(
             rng: true,
             vsock: Some(socket.clone()),
         },
+        allow_pvm_native: true,
     })?;
     let result = (|| {
         vm.start()?;

@@ -125,6 +125,7 @@ pub fn boot_once(vcpus: u32, mem_mib: u64) -> Result<(Duration, Duration)> {
         cmdline: String::new(),
         console: Box::new(lines.tap(Box::new(std::io::sink()))),
         virtio: vmm::VirtioConfig::default(),
+        allow_pvm_native: true,
     })?;
     let created = t0.elapsed();
     vm.start()?;
@@ -215,6 +216,7 @@ fn boot_with_agent(
             rng: true,
             vsock: Some(socket.clone()),
         },
+        allow_pvm_native: true,
     })?;
     vm.start()?;
     if lines

@@ -104,6 +104,10 @@ struct RunArgs {
     /// Add a virtio-rng device even without --vsock.
     #[arg(long)]
     rng: bool,
+    /// On PVM, enter the guest at CPL 0 (run by KVM's emulator) even if it
+    /// asks for native mode.
+    #[arg(long)]
+    no_pvm_native: bool,
 }
 
 fn main() -> ExitCode {
@@ -178,6 +182,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             rng: args.rng || args.vsock.is_some(),
             vsock: args.vsock,
         },
+        allow_pvm_native: !args.no_pvm_native,
     })?;
     vm.start()?;
     let exit = vm.wait_exit(None).unwrap_or(GuestExit::Stopped);

@@ -41,6 +41,7 @@ pub fn boot(cmdline: &str, vcpus: u32, memory: MemoryBackend) -> TestVm {
         cmdline: cmdline.into(),
         console: Box::new(console.tap(Box::new(std::io::sink()))),
         virtio: vmm::VirtioConfig::default(),
+        allow_pvm_native: true,
     })
     .expect("create VM");
     vm.start().expect("start VM");

@@ -55,6 +55,9 @@ pub struct VmConfig {
     pub console: Box<dyn Write + Send>,
     /// virtio devices.
     pub virtio: VirtioConfig,
+    /// Enter a guest that asks for it in PVM native mode (on PVM hosts).
+    /// Off: such guests are entered at CPL 0 and run in KVM's emulator.
+    pub allow_pvm_native: bool,
 }
 
 /// Errors creating or driving a VM.
@@ -315,7 +318,12 @@ impl Vm {
             let i = i as u32;
             boot::regs::configure_common(fd, i, config.vcpus, &supported)?;
             if i == 0 || kernel.ap_start == ApStart::Direct {
-                boot::regs::configure_64bit_entry(fd, i, kernel.entry, kernel.pvm_native)?;
+                boot::regs::configure_64bit_entry(
+                    fd,
+                    i,
+                    kernel.entry,
+                    kernel.pvm_native && config.allow_pvm_native,
+                )?;
             }
         }
         tracing::info!(vm = %config.id, flavour = ?shell.flavour, vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %config.kernel.name(), "VM created");
