@@ -31,6 +31,7 @@ fn main() {
     watch(&guest_dir);
     // The guest uses the agent protocol crate; rebuild when it changes.
     watch(&manifest_dir.join("../../agent/protocol"));
+    watch(&manifest_dir.join("../../devices/vsock-wire"));
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);

@@ -36,7 +36,12 @@ fn main() {
         "cargo:rerun-if-changed={}",
         dir.join("Cargo.lock").display()
     );
-    for watched in ["agent", "abi", "../../agent/protocol"] {
+    for watched in [
+        "agent",
+        "abi",
+        "../../agent/protocol",
+        "../../devices/vsock-wire",
+    ] {
         watch(&dir.join(watched));
     }
 
