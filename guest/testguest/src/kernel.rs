@@ -218,7 +218,7 @@ pub(crate) fn run(action: Action, e820: &E820Map) -> ! {
                 {
                     // SAFETY: RAM above the image (link.ld keeps the image
                     // below 16 MiB), identity mapped, used by nothing else.
-                    unsafe { crate::mem::fill(TOUCH_BASE as *mut u8, byte, len as usize) };
+                    unsafe { testguest_abi::mem::fill(TOUCH_BASE as *mut u8, byte, len as usize) };
                     println!("touched {pages} pages");
                 }
                 _ => println!(

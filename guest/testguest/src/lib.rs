@@ -39,7 +39,6 @@ pub mod cmdline;
 pub mod cpu;
 pub mod event;
 pub mod kvmclock;
-pub mod mem;
 pub mod paging;
 pub mod percpu;
 pub mod pvm;

@@ -19,6 +19,8 @@
 
 #![no_std]
 
+pub mod mem;
+
 use core::sync::atomic::AtomicU64;
 
 /// `BootInfo::magic`: "mvmmtg01" little endian.

@@ -21,7 +21,6 @@ pub mod clock;
 pub mod cmdline;
 pub mod console;
 pub mod heap;
-pub mod mem;
 mod rt;
 pub mod sys;
 pub mod virtio;

@@ -1,12 +1,13 @@
-//! The C memory functions the compiler emits calls to. There is no libc, and
-//! compiler_builtins does not provide them for this target. The bodies are
+//! The C memory functions the compiler emits calls to, for both guest
+//! programs (kernel and agent). There is no libc, and compiler_builtins does
+//! not provide them for this target. The bodies are
 //! string instructions in inline assembly, so LLVM cannot recognise them as
 //! memcpy/memset idioms and turn them into calls to themselves.
 //!
-//! Bulk work uses the quadword forms (`rep movsq`/`rep stosq`): on the PVM
-//! KVM of the project's machines every guest instruction is emulated and a
-//! `rep` string instruction costs about the same per iteration whatever its
-//! width, so this is 8 times faster than the byte forms.
+//! Bulk work uses the quadword forms (`rep movsq`/`rep stosq`): when the
+//! kernel runs in the PVM KVM's instruction emulator a `rep` string
+//! instruction costs about the same per iteration whatever its width, so this
+//! is 8 times faster than the byte forms there, and as fast natively.
 //!
 //! The direction flag is clear at every boundary: the ABI requires it, event
 //! delivery clears it (PVM) or the handlers do (`cld` in the stubs), and
