@@ -136,9 +136,7 @@ pub fn create_template(
         drop(agent);
         progress("pausing and saving the VM state");
         vm.pause()?;
-        let state = vm.save()?;
-        vm.stop();
-        Ok::<_, FactoryError>(state)
+        Ok::<_, FactoryError>(vm.save()?)
     })();
     vm.stop();
     drop(vm);

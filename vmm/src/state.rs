@@ -17,7 +17,9 @@ use devices::serial::SerialState;
 
 /// kvm_clock_data.flags bit that must not be handed back to KVM_SET_CLOCK.
 const KVM_CLOCK_TSC_STABLE: u32 = 2;
-/// PVM's own MSRs (pvm_para.h: MSR_PVM_LINEAR_ADDRESS_RANGE .. the last one).
+/// KVM's paravirtual MSRs (0x4b564d00-07) and this host's kvm_pvm MSRs
+/// (0x4b564d10 control, 0x11-0x13 read-only), which KVM_GET_MSR_INDEX_LIST
+/// does not list; whatever of them a vCPU can read is saved.
 const PVM_MSR_RANGE: std::ops::RangeInclusive<u32> = 0x4b56_4d00..=0x4b56_4d13;
 
 /// Everything needed to put one vCPU back exactly where it was.

@@ -25,10 +25,11 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 /// STAR: kernel CS 0x10 / SS 0x18 (bits 47:32), user CS32 0x23 and so user
-/// CS 0x33 / SS 0x2b (bits 63:48) — Linux's layout. PVM derives the guest's
-/// supervisor selectors from STAR and only runs a vCPU natively (instead of
-/// emulating it) when they match CS/SS; its user selectors must equal the
-/// host's __USER_CS/__USER_DS.
+/// CS 0x33 / SS 0x2b (bits 63:48) — Linux's layout, which matches our GDT.
+/// The PVM spec derives a guest's supervisor selectors from STAR and requires
+/// its user selectors to be the host's __USER_CS/__USER_DS. (It does not by
+/// itself make this host's kvm_pvm run a vCPU natively: see
+/// `PVM_NATIVE_CONTROL_MSR`.)
 pub const BOOT_STAR: u64 = 0x0023_0010_0000_0000;
 const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 1;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
