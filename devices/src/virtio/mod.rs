@@ -38,6 +38,7 @@
 //! [`Vsock::send_transport_reset`] so the guest drops its old connections.
 
 pub mod event_loop;
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod rng;
@@ -52,6 +53,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use event_loop::{EventLoop, EventLoopError, EventLoopHandle};
+pub use fs::{Fs, FsError, FsState};
 pub use interrupt::Interrupt;
 pub use mmio::{
     kernel_cmdline_arg, MmioError, MmioTransport, MmioTransportState, QueueConfigState,
