@@ -51,6 +51,7 @@ fn boot_with_agent_mode(name: &str, cmdline: &str, allow_pvm_native: bool) -> Ag
         virtio: vmm::VirtioConfig {
             rng: true,
             vsock: Some(socket.clone()),
+            fs: Vec::new(),
         },
         allow_pvm_native,
     })

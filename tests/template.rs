@@ -94,6 +94,7 @@ fn clones_have_distinct_rng_streams_unlike_the_template() {
             memory: vmm::MemoryBackend::PrivateFile(handle.template().memory_path()),
             console: Box::new(std::io::sink()),
             vsock: Some(raw_socket.clone()),
+            fs: Vec::new(),
         },
         &state,
     )
@@ -211,6 +212,7 @@ fn restores_without_reseed_repeat_the_template_stream_and_a_reseed_changes_it() 
                 memory: vmm::MemoryBackend::PrivateFile(handle.template().memory_path()),
                 console: Box::new(std::io::sink()),
                 vsock: Some(socket.clone()),
+                fs: Vec::new(),
             },
             &state,
         )

@@ -128,6 +128,7 @@ fn saved_state_restores_into_a_copy_on_write_clone_that_continues() {
                 memory: MemoryBackend::PrivateFile(path.clone()),
                 console: Box::new(console.tap(Box::new(std::io::sink()))),
                 vsock: None,
+                fs: Vec::new(),
             },
             &state,
         )

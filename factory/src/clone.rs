@@ -36,6 +36,9 @@ pub struct CloneOptions {
     pub id: Option<String>,
     /// The clone's vsock socket (default: a temporary path, removed on drop).
     pub vsock: Option<PathBuf>,
+    /// The clone's own virtiofsd sockets, one per virtio-fs tag of the
+    /// template (the caller starts the daemons, one per clone and directory).
+    pub fs: Vec<vmm::FsShare>,
 }
 
 /// Where a clone's time went.
@@ -96,6 +99,7 @@ impl TemplateHandle {
                 memory: MemoryBackend::PrivateFile(self.template.memory_path()),
                 console: Box::new(console.tap(Box::new(std::io::sink()))),
                 vsock: Some(vsock.clone()),
+                fs: opts.fs,
             },
             &self.state,
         )?;

@@ -28,6 +28,10 @@ pub struct CreateOptions<'a> {
     pub ready_line: &'a str,
     /// Progress messages for people.
     pub progress: &'a dyn Fn(&str),
+    /// virtio-fs devices of the template VM (their virtiofsd already
+    /// listening). The guest negotiates them at boot and mounts nothing;
+    /// each clone connects its own virtiofsd (`CloneOptions::fs`).
+    pub fs: Vec<vmm::FsShare>,
 }
 
 impl Default for CreateOptions<'_> {
@@ -39,6 +43,7 @@ impl Default for CreateOptions<'_> {
             record_memory_sha256: false,
             ready_line: testguest_image::READY_LINE,
             progress: &|_| {},
+            fs: Vec::new(),
         }
     }
 }
@@ -115,6 +120,7 @@ pub fn create_template(
         virtio: vmm::VirtioConfig {
             rng: true,
             vsock: Some(socket.clone()),
+            fs: opts.fs.clone(),
         },
         allow_pvm_native: true,
     })?;

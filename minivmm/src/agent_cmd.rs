@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::io::{Read, Write};
+
 use agent_protocol::{
-    AgentClient, CheckRequest, GetGuestTimeRequest, GuestDetailsRequest, ReadRandomRequest,
-    ReseedRandomDevRequest, TouchMemoryRequest, AGENT_VSOCK_PORT,
+    AgentClient, CheckRequest, FsListRequest, FsReadRequest, FsWriteRequest, GetGuestTimeRequest,
+    GuestDetailsRequest, ReadRandomRequest, ReseedRandomDevRequest, TouchMemoryRequest,
+    AGENT_VSOCK_PORT,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -56,6 +59,98 @@ enum AgentCall {
         #[arg(long, default_value_t = 0x5a)]
         pattern: u32,
     },
+    /// Write the file PATH of a virtio-fs share (relative to the shared
+    /// directory) to stdout, byte for byte.
+    FsRead {
+        /// Path relative to the share's root.
+        path: String,
+        /// Tag of the share (default: the guest's first share).
+        #[arg(long, default_value = "")]
+        tag: String,
+    },
+    /// Make the file PATH of a virtio-fs share hold exactly stdin.
+    FsWrite {
+        /// Path relative to the share's root (its directory must exist).
+        path: String,
+        /// Tag of the share (default: the guest's first share).
+        #[arg(long, default_value = "")]
+        tag: String,
+    },
+    /// List the directory PATH of a virtio-fs share, one name per line.
+    FsLs {
+        /// Path relative to the share's root ("." for the root).
+        #[arg(default_value = ".")]
+        path: String,
+        /// Tag of the share (default: the guest's first share).
+        #[arg(long, default_value = "")]
+        tag: String,
+    },
+}
+
+/// Bytes asked for per FsRead call (the agent answers at most 256 KiB).
+const FS_READ_CHUNK: u32 = 256 * 1024;
+/// Bytes sent per FsWrite call: the test guest's agent buffers at most 64 KiB
+/// of an incomplete request.
+const FS_WRITE_CHUNK: usize = 32 * 1024;
+
+/// FsRead calls until a short answer; the whole file.
+pub fn fs_read_all(
+    client: &mut AgentClient,
+    tag: &str,
+    path: &str,
+    deadline: Duration,
+) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    loop {
+        let r = client.fs_read(
+            &FsReadRequest {
+                tag: tag.into(),
+                path: path.into(),
+                offset: data.len() as u64,
+                len: FS_READ_CHUNK,
+            },
+            deadline,
+        )?;
+        let n = r.data.len();
+        data.extend_from_slice(&r.data);
+        if n < FS_READ_CHUNK as usize {
+            return Ok(data);
+        }
+    }
+}
+
+/// FsWrite calls in chunks; the file ends up holding exactly `data`.
+pub fn fs_write_all(
+    client: &mut AgentClient,
+    tag: &str,
+    path: &str,
+    data: &[u8],
+    deadline: Duration,
+) -> Result<()> {
+    let mut offset = 0usize;
+    loop {
+        let chunk = &data[offset..(offset + FS_WRITE_CHUNK).min(data.len())];
+        let r = client.fs_write(
+            &FsWriteRequest {
+                tag: tag.into(),
+                path: path.into(),
+                offset: offset as u64,
+                data: chunk.to_vec(),
+            },
+            deadline,
+        )?;
+        if r.written as usize != chunk.len() {
+            anyhow::bail!(
+                "{path}: the guest wrote {} of {} bytes at offset {offset}",
+                r.written,
+                chunk.len()
+            );
+        }
+        offset += chunk.len();
+        if offset >= data.len() {
+            return Ok(());
+        }
+    }
 }
 
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
@@ -96,6 +191,34 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         AgentCall::Touch { pages, pattern } => {
             let r = client.touch_memory(&TouchMemoryRequest { pages, pattern }, deadline)?;
             serde_json::json!({"pages": r.pages, "checksum": format!("{:#018x}", r.checksum)})
+        }
+        AgentCall::FsRead { path, tag } => {
+            let data = fs_read_all(&mut client, &tag, &path, deadline)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&data).context("writing stdout")?;
+            out.flush().context("writing stdout")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        AgentCall::FsWrite { path, tag } => {
+            let mut data = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut data)
+                .context("reading stdin")?;
+            fs_write_all(&mut client, &tag, &path, &data, deadline)?;
+            if !args.json {
+                return Ok(ExitCode::SUCCESS);
+            }
+            serde_json::json!({"written": data.len()})
+        }
+        AgentCall::FsLs { path, tag } => {
+            let r = client.fs_list(&FsListRequest { tag, path }, deadline)?;
+            if !args.json {
+                for name in &r.names {
+                    println!("{name}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            serde_json::json!({"names": r.names})
         }
     };
     if args.json {

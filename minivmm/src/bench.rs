@@ -215,6 +215,7 @@ fn boot_with_agent(
         virtio: vmm::VirtioConfig {
             rng: true,
             vsock: Some(socket.clone()),
+            fs: Vec::new(),
         },
         allow_pvm_native: true,
     })?;

@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod bench;
+mod share;
 mod template_cmd;
 
 use std::io::Write;
@@ -108,6 +109,10 @@ struct RunArgs {
     /// asks for native mode.
     #[arg(long)]
     no_pvm_native: bool,
+    /// Share a host directory with the guest over virtio-fs, served by its
+    /// own virtiofsd (tag default "share"; repeatable with distinct tags).
+    #[arg(long, value_name = "DIR[,tag=T]", value_parser = share::parse_share)]
+    share: Vec<share::ShareArg>,
 }
 
 fn main() -> ExitCode {
@@ -170,8 +175,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 .with_context(|| format!("cannot create console file {}", args.console))?,
         )
     };
+    let id = vmm::vm::default_vm_id();
+    let daemons = share::start_daemons(&id, &args.share)?;
     let mut vm = Vm::create(VmConfig {
-        id: vmm::vm::default_vm_id(),
+        id,
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
         memory,
@@ -181,13 +188,31 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         virtio: vmm::VirtioConfig {
             rng: args.rng || args.vsock.is_some(),
             vsock: args.vsock,
+            fs: daemons.fs_config(),
         },
         allow_pvm_native: !args.no_pvm_native,
     })?;
     vm.start()?;
+    // A share's daemon dying ends the VM: its guest would only see errors.
+    let stopper = vm.stopper();
+    let share::Daemons { daemons, exits } = daemons;
+    let watcher = std::thread::spawn(move || {
+        let failure = exits.recv().ok();
+        if failure.is_some() {
+            stopper.stop();
+        }
+        failure
+    });
     let exit = vm.wait_exit(None).unwrap_or(GuestExit::Stopped);
     vm.stop();
+    drop(vm);
+    // Stopping the daemons closes the channel, which ends the watcher.
+    drop(daemons);
+    let daemon_failure = watcher.join().ok().flatten();
     let _ = std::io::stdout().flush();
+    if let Some(msg) = daemon_failure {
+        bail!("{msg}; VM stopped");
+    }
     eprintln!("minivmm: {exit}");
     Ok(match exit {
         GuestExit::Reset | GuestExit::Shutdown | GuestExit::Stopped => ExitCode::SUCCESS,

@@ -176,6 +176,7 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
         let c = handle.clone_vm(CloneOptions {
             id: Some(format!("clone-{i}")),
             vsock,
+            ..CloneOptions::default()
         })?;
         let t = c.timings;
         if a.json {

@@ -268,3 +268,189 @@ fn killing_template_create_never_leaves_an_accepted_template() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(killed > 0, "no create was killed: the test proved nothing");
 }
+
+/// A fresh directory for one test.
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = temp_path(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Run minivmm with `args` and extra environment.
+fn minivmm_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).envs(env.iter().copied());
+    cmd.output().expect("run minivmm")
+}
+
+/// virtiofsd processes whose parent is `pid`.
+fn virtiofsd_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        let ppid = rest.split(' ').nth(1).and_then(|s| s.parse::<u32>().ok());
+        if comm.ends_with("(virtiofsd") && ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn share_bad_configurations_are_one_line_errors() {
+    let dir = temp_dir("share-bad");
+    let share = dir.to_str().unwrap();
+    let missing = dir.join("missing");
+    let out = minivmm(&["run", "--share", missing.to_str().unwrap()]);
+    assert_one_line_error(&out, "is not a directory");
+    let out = minivmm(&["run", "--share", share, "--share", share]);
+    assert_one_line_error(&out, "share tag \"share\" is given twice");
+    let out = minivmm_env(
+        &["run", "--share", share],
+        &[("MINIVMM_VIRTIOFSD", "/nonexistent/virtiofsd")],
+    );
+    assert_one_line_error(&out, "cargo install --locked virtiofsd");
+    let long = dir.join("d".repeat(110));
+    std::fs::create_dir_all(&long).unwrap();
+    let out = minivmm_env(
+        &["run", "--share", share],
+        &[("TMPDIR", long.to_str().unwrap())],
+    );
+    assert_one_line_error(&out, "at most 107 fit a unix socket address");
+    // Nothing was left running or on disk.
+    assert!(virtiofsd_children(std::process::id()).is_empty());
+    assert_eq!(std::fs::read_dir(&long).unwrap().count(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The commands of issue 8 exactly as written, then virtiofsd killed.
+#[test]
+fn share_read_write_list_through_the_cli_then_daemon_killed() {
+    if let Err(e) = Command::new("virtiofsd").arg("--version").output() {
+        panic!("virtiofsd is needed ({e}); install it: apt-get install -y libseccomp-dev libcap-ng-dev && cargo install --locked virtiofsd");
+    }
+    let dir = temp_dir("share");
+    let share = dir.join("share");
+    std::fs::create_dir(&share).unwrap();
+    let mut big = vec![0u8; 4 << 20];
+    factory::clone::host_entropy(&mut big).unwrap();
+    std::fs::write(share.join("big.bin"), &big).unwrap();
+    std::fs::create_dir(share.join("sub")).unwrap();
+    std::fs::write(share.join("sub/a.txt"), b"a").unwrap();
+    let vsock = dir.join("v.sock");
+    let mut child = Command::new(BIN)
+        .args(["run", "--share", share.to_str().unwrap(), "--vsock"])
+        .arg(&vsock)
+        .args(["--console", "stdout"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = rx.recv_timeout(DEADLINE).expect("ready line");
+        if line.contains("minivmm-testguest ready") {
+            break;
+        }
+    }
+    let agent = |args: &[&str], stdin: Option<&[u8]>| -> Output {
+        let mut c = Command::new(BIN)
+            .arg("agent")
+            .arg("--vsock")
+            .arg(&vsock)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = c.stdin.take().unwrap();
+        if let Some(data) = stdin {
+            std::io::Write::write_all(&mut input, data).unwrap();
+        }
+        drop(input);
+        c.wait_with_output().unwrap()
+    };
+    let out = agent(&["fs-read", "big.bin"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == big, "fs-read is not byte-identical");
+
+    let mut data = vec![0u8; 300_000];
+    factory::clone::host_entropy(&mut data).unwrap();
+    let out = agent(&["fs-write", "sub/new.bin"], Some(&data));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(share.join("sub/new.bin")).unwrap() == data);
+    // Overwriting with something shorter leaves exactly the new bytes.
+    let out = agent(&["fs-write", "sub/new.bin"], Some(b"short"));
+    assert!(out.status.success());
+    assert_eq!(std::fs::read(share.join("sub/new.bin")).unwrap(), b"short");
+
+    let out = agent(&["fs-ls", "sub"], None);
+    assert!(out.status.success());
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a.txt", "new.bin"]);
+    let out = agent(&["fs-ls", "."], None);
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    let mut host: Vec<String> = std::fs::read_dir(&share)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    host.sort();
+    assert_eq!(names, host);
+    let out = agent(&["fs-read", "no-such-file"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"));
+
+    // The daemon dies: minivmm stops the VM and says which daemon it was.
+    let daemons = virtiofsd_children(pid);
+    assert_eq!(daemons.len(), 1, "one virtiofsd per share");
+    // SAFETY: kill(2) on a process we found as minivmm's child.
+    unsafe { libc::kill(daemons[0] as i32, libc::SIGKILL) };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx.recv_timeout(DEADLINE).expect("minivmm exits").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("virtiofsd for share \"share\"") && stderr.contains("exited unexpectedly"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

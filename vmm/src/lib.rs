@@ -14,5 +14,5 @@ pub mod vm;
 
 pub use kvm::{Flavour, KvmInfo};
 pub use memory::{GuestRam, MemoryBackend};
-pub use virtio::VirtioConfig;
+pub use virtio::{FsShare, VirtioConfig};
 pub use vm::{GuestExit, KernelImage, Vm, VmConfig, VmError};

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::virtio::vsock::{Vsock, VsockState};
 use devices::virtio::{
-    kernel_cmdline_arg, EventLoop, EventLoopHandle, MmioTransport, MmioTransportState, Rng,
-    VirtioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+    kernel_cmdline_arg, EventLoop, EventLoopHandle, Fs, FsState, MmioTransport, MmioTransportState,
+    Rng, VirtioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,18 @@ pub struct VirtioConfig {
     pub rng: bool,
     /// virtio-vsock, hybrid over this unix socket path.
     pub vsock: Option<PathBuf>,
+    /// virtio-fs devices, each served by a vhost-user backend (virtiofsd)
+    /// already listening on its socket.
+    pub fs: Vec<FsShare>,
+}
+
+/// One virtio-fs device: the guest finds it by its tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsShare {
+    /// The tag (virtio 1.2 §5.11.4), unique per VM.
+    pub tag: String,
+    /// The vhost-user socket of its backend.
+    pub socket: PathBuf,
 }
 
 /// Saved state of the virtio devices.
@@ -39,6 +51,9 @@ pub struct VirtioState {
     pub rng: Option<MmioTransportState>,
     /// The vsock transport and device (without connections).
     pub vsock: Option<(MmioTransportState, VsockState)>,
+    /// The virtio-fs transports and devices (the backends are not saved:
+    /// a restored VM connects fresh ones).
+    pub fs: Vec<(MmioTransportState, FsState)>,
 }
 
 impl VirtioState {
@@ -50,6 +65,9 @@ impl VirtioState {
         }
         if self.vsock.is_some() {
             v.push("vsock".to_string());
+        }
+        for (_, fs) in &self.fs {
+            v.push(format!("fs:{}", fs.tag));
         }
         v
     }
@@ -82,6 +100,12 @@ pub enum VirtioError {
     /// A restore needs a vsock socket path for the clone.
     #[error("the saved VM has a vsock device: give the restored VM a vsock socket path")]
     VsockPathMissing,
+    /// Two virtio-fs devices with one tag.
+    #[error("virtio-fs tag {0:?} is given twice")]
+    DuplicateFsTag(String),
+    /// A restore needs a backend for each saved virtio-fs device.
+    #[error("the saved VM has a virtio-fs device tagged {0:?}: give the restored VM a virtiofsd socket for it")]
+    FsSocketMissing(String),
 }
 
 /// A transport shared between the MMIO bus and the VM (for saving it).
@@ -91,6 +115,7 @@ type SharedTransport = Arc<Mutex<MmioTransport>>;
 pub struct VirtioDevices {
     rng: Option<SharedTransport>,
     vsock: Option<(SharedTransport, Arc<Mutex<Vsock>>)>,
+    fs: Vec<(SharedTransport, Arc<Mutex<Fs>>)>,
     event_loop: Option<EventLoopHandle>,
     cmdline: Vec<String>,
 }
@@ -200,8 +225,34 @@ impl VirtioDevices {
         } else {
             None
         };
+        let mut fs = Vec::new();
+        let wanted_fs: Vec<(String, Option<&(MmioTransportState, FsState)>)> = match state {
+            Some(s) => s.fs.iter().map(|f| (f.1.tag.clone(), Some(f))).collect(),
+            None => config.fs.iter().map(|f| (f.tag.clone(), None)).collect(),
+        };
+        for (i, (tag, _)) in wanted_fs.iter().enumerate() {
+            if wanted_fs[..i].iter().any(|(t, _)| t == tag) {
+                return Err(VirtioError::DuplicateFsTag(tag.clone()));
+            }
+        }
+        for (tag, saved) in wanted_fs {
+            let share = config
+                .fs
+                .iter()
+                .find(|f| f.tag == tag)
+                .ok_or_else(|| VirtioError::FsSocketMissing(tag.clone()))?;
+            let dev = match saved {
+                Some((_, st)) => Fs::restore(vm_id, st, &share.socket),
+                None => Fs::new(vm_id, &tag, &share.socket),
+            }
+            .map_err(|e| device_err("fs")(e.to_string()))?;
+            let dev = Arc::new(Mutex::new(dev));
+            let t = w.attach("fs", dev.clone(), saved.map(|(t, _)| t))?;
+            event_loop.add_subscriber(dev.clone());
+            fs.push((t, dev));
+        }
         let cmdline = std::mem::take(&mut w.cmdline);
-        let event_loop = if rng.is_some() || vsock.is_some() {
+        let event_loop = if rng.is_some() || vsock.is_some() || !fs.is_empty() {
             Some(
                 event_loop
                     .start(vm_id)
@@ -213,6 +264,7 @@ impl VirtioDevices {
         Ok(VirtioDevices {
             rng,
             vsock,
+            fs,
             event_loop,
             cmdline,
         })
@@ -243,6 +295,11 @@ impl VirtioDevices {
                 .vsock
                 .as_ref()
                 .map(|(t, d)| (lock(t), d.lock().unwrap_or_else(|p| p.into_inner()).save())),
+            fs: self
+                .fs
+                .iter()
+                .map(|(t, d)| (lock(t), d.lock().unwrap_or_else(|p| p.into_inner()).save()))
+                .collect(),
         }
     }
 

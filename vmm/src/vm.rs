@@ -160,6 +160,19 @@ pub struct RestoreConfig {
     pub console: Box<dyn Write + Send>,
     /// The restored VM's own vsock socket (needed if the saved VM had vsock).
     pub vsock: Option<PathBuf>,
+    /// The restored VM's own virtiofsd sockets, one per saved virtio-fs tag.
+    pub fs: Vec<crate::virtio::FsShare>,
+}
+
+/// Ends a VM from another thread (see [`Vm::stopper`]).
+#[derive(Clone)]
+pub struct VmStopper(Arc<VcpuControl>);
+
+impl VmStopper {
+    /// Stop every vCPU; the VM's `wait_exit` returns `Stopped`.
+    pub fn stop(&self) {
+        self.0.end(GuestExit::Stopped);
+    }
 }
 
 /// The parts every VM has before it is booted or restored.
@@ -337,6 +350,7 @@ impl Vm {
         let virtio = VirtioConfig {
             rng: state.virtio.rng.is_some(),
             vsock: config.vsock,
+            fs: config.fs,
         };
         let shell = Shell::new(
             &config.id,
@@ -425,6 +439,12 @@ impl Vm {
             v.join();
         }
         self.virtio.stop();
+    }
+
+    /// A handle that ends this VM from any thread (e.g. when a device's
+    /// backend died): `wait_exit` then reports `Stopped`.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.control.clone())
     }
 
     /// Wait until the guest ends (None: no deadline); None if it has not.

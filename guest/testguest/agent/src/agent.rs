@@ -15,7 +15,8 @@ use alloc::vec::Vec;
 
 use agent_protocol::check_response::ServingStatus;
 use agent_protocol::{
-    AgentService, CheckRequest, CheckResponse, Code, Dispatcher, GetGuestTimeRequest,
+    AgentService, CheckRequest, CheckResponse, Code, Dispatcher, FsListRequest, FsListResponse,
+    FsReadRequest, FsReadResponse, FsWriteRequest, FsWriteResponse, GetGuestTimeRequest,
     GetGuestTimeResponse, GuestDetailsRequest, GuestDetailsResponse, OnlineCpuMemRequest,
     QuiesceForSnapshotRequest, ReadRandomRequest, ReadRandomResponse, ReseedRandomDevRequest,
     SetGuestDateTimeRequest, Status, TouchMemoryRequest, TouchMemoryResponse, AGENT_VSOCK_PORT,
@@ -26,6 +27,7 @@ use testguest_abi::{BootInfo, FLAG_PVM};
 use crate::chacha::Csprng;
 use crate::clock::Clock;
 use crate::sys;
+use crate::virtio::fs::{Errno, FsDevice};
 use crate::vsock::Application;
 
 /// `GetGuestDetails.kernel`.
@@ -38,6 +40,9 @@ pub const READ_RANDOM_MAX: u32 = 4096;
 /// sends more is cut off (the heap is a few MiB, and no request of this
 /// protocol needs more).
 pub const MAX_BUFFERED: usize = 64 * 1024;
+/// Most bytes `FsRead` returns per call (the reply must fit the agent's
+/// heap; the host asks again for the rest).
+pub const FS_READ_MAX: u32 = 256 * 1024;
 /// The page size of `TouchMemory`.
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -57,6 +62,7 @@ pub struct Agent {
     boot_time_ns: u64,
     quiesce_requested: bool,
     entropy_wanted: bool,
+    shares: Vec<FsDevice>,
 }
 
 impl Agent {
@@ -69,7 +75,28 @@ impl Agent {
             boot_time_ns: 0,
             quiesce_requested: false,
             entropy_wanted: false,
+            shares: Vec::new(),
         }
+    }
+
+    /// The virtio-fs devices the file RPCs use.
+    pub fn set_shares(&mut self, shares: Vec<FsDevice>) {
+        self.shares = shares;
+    }
+
+    /// The share with `tag` (empty: the first one).
+    fn share(&mut self, tag: &str) -> Result<(&'static BootInfo, &Clock, &mut FsDevice), Status> {
+        let dev = self
+            .shares
+            .iter_mut()
+            .find(|d| tag.is_empty() || d.tag() == tag)
+            .ok_or_else(|| {
+                Status::new(
+                    Code::NotFound,
+                    format!("no virtio-fs share with tag {tag:?} in this guest"),
+                )
+            })?;
+        Ok((self.info, &self.clock, dev))
     }
 
     /// The clocks.
@@ -121,6 +148,19 @@ impl Application for Agent {
             Session::Hello => true,
         }
     }
+}
+
+/// A failed file operation as a status naming the path and the errno.
+fn fs_status(op: &str, path: &str, e: Errno) -> Status {
+    let code = match e.0 {
+        2 => Code::NotFound,
+        13 | 1 => Code::PermissionDenied,
+        17 => Code::AlreadyExists,
+        20..=22 => Code::InvalidArgument,
+        110 => Code::DeadlineExceeded,
+        _ => Code::Internal,
+    };
+    Status::new(code, format!("{op} {path:?}: errno {}", e.0))
 }
 
 /// The 8-byte word `TouchMemory` writes for `pattern`: a pattern that fits
@@ -263,6 +303,31 @@ impl AgentService for Agent {
     fn quiesce_for_snapshot(&mut self, _request: QuiesceForSnapshotRequest) -> Result<(), Status> {
         self.quiesce_requested = true;
         Ok(())
+    }
+
+    fn fs_read(&mut self, request: FsReadRequest) -> Result<FsReadResponse, Status> {
+        let len = request.len.min(FS_READ_MAX) as usize;
+        let (info, clock, dev) = self.share(&request.tag)?;
+        let data = dev
+            .read(info, clock, &request.path, request.offset, len)
+            .map_err(|e| fs_status("read", &request.path, e))?;
+        Ok(FsReadResponse { data })
+    }
+
+    fn fs_write(&mut self, request: FsWriteRequest) -> Result<FsWriteResponse, Status> {
+        let (info, clock, dev) = self.share(&request.tag)?;
+        let written = dev
+            .write(info, clock, &request.path, request.offset, &request.data)
+            .map_err(|e| fs_status("write", &request.path, e))?;
+        Ok(FsWriteResponse { written })
+    }
+
+    fn fs_list(&mut self, request: FsListRequest) -> Result<FsListResponse, Status> {
+        let (info, clock, dev) = self.share(&request.tag)?;
+        let names = dev
+            .list(info, clock, &request.path)
+            .map_err(|e| fs_status("list", &request.path, e))?;
+        Ok(FsListResponse { names })
     }
 }
 

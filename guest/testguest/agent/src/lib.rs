@@ -33,9 +33,10 @@ use testguest_abi::{BootInfo, BOOT_INFO_MAGIC};
 
 use agent::{Agent, Session};
 use clock::Clock;
+use virtio::fs::FsDevice;
 use virtio::rng::EntropyDevice;
 use virtio::vsock::VsockDevice;
-use virtio::{MmioDevice, DEVICE_ID_RNG, DEVICE_ID_VSOCK};
+use virtio::{MmioDevice, DEVICE_ID_FS, DEVICE_ID_RNG, DEVICE_ID_VSOCK};
 use vsock::Transport;
 
 /// How long the agent waits for virtio-rng's first entropy before it goes on
@@ -53,7 +54,7 @@ pub extern "C" fn agent_main(info: &'static BootInfo) -> ! {
         sys::exit();
     }
     let clock = Clock::new(info);
-    let (mut entropy, mut vsock) = find_devices(info);
+    let (mut entropy, mut vsock, shares) = find_devices(info);
 
     // Seed: whatever the device gives within the timeout, plus the TSC.
     let mut seed: Vec<u8> = Vec::new();
@@ -78,6 +79,7 @@ pub extern "C" fn agent_main(info: &'static BootInfo) -> ! {
         println!("testguest agent: no virtio-rng device; RNG seeded from the TSC only");
     }
     let mut agent = Agent::new(info, clock, &seed);
+    agent.set_shares(shares);
 
     let mut transport = Transport::new(vsock.as_ref().map_or(0, VsockDevice::guest_cid));
     if vsock.is_some() {
@@ -171,10 +173,12 @@ fn take_interrupts(info: &BootInfo, a: Option<&MmioDevice>, b: Option<&MmioDevic
 }
 
 /// Sets up the first virtio-rng and the first virtio-vsock device of the
-/// command line. Others are left alone; failures are reported.
-fn find_devices(info: &BootInfo) -> (Option<EntropyDevice>, Option<VsockDevice>) {
+/// command line, and every virtio-fs device. Others are left alone; failures
+/// are reported.
+fn find_devices(info: &BootInfo) -> (Option<EntropyDevice>, Option<VsockDevice>, Vec<FsDevice>) {
     let mut entropy = None;
     let mut vsock = None;
+    let mut shares = Vec::new();
     let count = (info.device_count as usize).min(info.devices.len());
     for d in &info.devices[..count] {
         // SAFETY: the command line names a virtio-mmio window; the kernel's
@@ -189,6 +193,10 @@ fn find_devices(info: &BootInfo) -> (Option<EntropyDevice>, Option<VsockDevice>)
                 Ok(dev) => vsock = Some(dev),
                 Err(e) => println!("testguest agent: virtio-vsock at {:#x}: {e}", d.addr),
             },
+            Ok(DEVICE_ID_FS) => match FsDevice::new(mmio) {
+                Ok(dev) => shares.push(dev),
+                Err(e) => println!("testguest agent: virtio-fs at {:#x}: {e}", d.addr),
+            },
             Ok(0) => {}
             Ok(id) => println!(
                 "testguest agent: virtio device {id} at {:#x} not used",
@@ -197,5 +205,5 @@ fn find_devices(info: &BootInfo) -> (Option<EntropyDevice>, Option<VsockDevice>)
             Err(e) => println!("testguest agent: {:#x}: {e}", d.addr),
         }
     }
-    (entropy, vsock)
+    (entropy, vsock, shares)
 }

@@ -4,6 +4,7 @@
 //! mode over an identity map that includes the MMIO windows, so registers are
 //! plain volatile accesses; each one exits to the VMM.
 
+pub mod fs;
 pub mod queue;
 pub mod rng;
 pub mod vsock;
@@ -60,6 +61,7 @@ pub const INT_CONFIG_CHANGE: u32 = 2;
 /// Device IDs (virtio 1.2 §5).
 pub const DEVICE_ID_RNG: u32 = 4;
 pub const DEVICE_ID_VSOCK: u32 = 19;
+pub const DEVICE_ID_FS: u32 = 26;
 
 /// Why a device could not be set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +214,11 @@ impl MmioDevice {
     /// VMM (about 17 us on the project's PVM hosts).
     pub fn ack_interrupt(&self) {
         self.write(REG_INTERRUPT_ACK, INT_USED_BUFFER | INT_CONFIG_CHANGE);
+    }
+
+    /// Reads a little-endian u32 of the device configuration at `offset`.
+    pub fn config_u32(&self, offset: usize) -> u32 {
+        self.read(REG_CONFIG + offset)
     }
 
     /// Reads a little-endian u64 of the device configuration at `offset`,
