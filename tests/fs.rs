@@ -1,0 +1,268 @@
+//! virtio-fs with real VMs (the test guest) and the real virtiofsd: file
+//! access through the shadow queue, a daemon killed mid-read, and a template
+//! with the device whose clones each get their own daemon and directory.
+//! These tests fail (never skip) when virtiofsd is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use agent_protocol::{
+    AgentClient, CheckRequest, FsListRequest, FsReadRequest, FsWriteRequest, AGENT_VSOCK_PORT,
+};
+use devices::virtio::fs::daemon::{find_virtiofsd, Virtiofsd, VirtiofsdConfig, INSTALL_HINT};
+use e2e::{temp_path, testguest, DEADLINE, READY_LINE};
+use factory::{create_template, CloneOptions, CreateOptions, GuestSpec, TemplateHandle};
+use vmm::console::ConsoleLines;
+use vmm::{FsShare, MemoryBackend, Vm, VmConfig};
+
+const CALL: Duration = Duration::from_secs(10);
+const CHUNK: u32 = 256 * 1024;
+
+fn require_virtiofsd() {
+    if let Err(e) = find_virtiofsd(None) {
+        panic!("virtio-fs tests need virtiofsd 1.14 ({e}); install it: {INSTALL_HINT}");
+    }
+}
+
+/// A fresh directory (removed on drop).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = temp_path(name);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A virtiofsd on `dir`; its unexpected exit arrives on the receiver.
+fn daemon(name: &str, dir: &Path) -> (Virtiofsd, mpsc::Receiver<ExitStatus>) {
+    require_virtiofsd();
+    let socket = temp_path(&format!("{name}.fs.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let (tx, rx) = mpsc::channel();
+    let d = Virtiofsd::start(
+        name,
+        &VirtiofsdConfig::new(dir, socket),
+        Box::new(move |s| {
+            let _ = tx.send(s);
+        }),
+    )
+    .expect("start virtiofsd");
+    (d, rx)
+}
+
+fn share(d: &Virtiofsd) -> FsShare {
+    FsShare {
+        tag: "share".into(),
+        socket: d.socket_path().to_path_buf(),
+    }
+}
+
+struct FsVm {
+    vm: Vm,
+    socket: PathBuf,
+    _console: ConsoleLines,
+}
+
+impl Drop for FsVm {
+    fn drop(&mut self) {
+        self.vm.stop();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn boot(name: &str, fs: Vec<FsShare>) -> FsVm {
+    let socket = temp_path(&format!("{name}.vsock"));
+    let _ = std::fs::remove_file(&socket);
+    let console = ConsoleLines::new();
+    let mut vm = Vm::create(VmConfig {
+        id: name.into(),
+        vcpus: 1,
+        mem_mib: 128,
+        memory: MemoryBackend::Anonymous,
+        kernel: testguest(),
+        cmdline: String::new(),
+        console: Box::new(console.tap(Box::new(std::io::sink()))),
+        virtio: vmm::VirtioConfig {
+            rng: true,
+            vsock: Some(socket.clone()),
+            fs,
+        },
+        allow_pvm_native: true,
+    })
+    .expect("create VM");
+    vm.start().expect("start");
+    if console.wait_for(READY_LINE, 0, DEADLINE).is_none() {
+        panic!("no ready line; console: {:?}", console.lines());
+    }
+    FsVm {
+        vm,
+        socket,
+        _console: console,
+    }
+}
+
+fn read_chunk(a: &mut AgentClient, path: &str, offset: u64) -> Result<Vec<u8>, String> {
+    a.fs_read(
+        &FsReadRequest {
+            tag: String::new(),
+            path: path.into(),
+            offset,
+            len: CHUNK,
+        },
+        CALL,
+    )
+    .map(|r| r.data)
+    .map_err(|e| e.to_string())
+}
+
+fn read_all(a: &mut AgentClient, path: &str) -> Vec<u8> {
+    let mut data = Vec::new();
+    loop {
+        let chunk = read_chunk(a, path, data.len() as u64).unwrap();
+        let n = chunk.len();
+        data.extend(chunk);
+        if n < CHUNK as usize {
+            return data;
+        }
+    }
+}
+
+fn write_file(a: &mut AgentClient, path: &str, data: &[u8]) {
+    let r = a
+        .fs_write(
+            &FsWriteRequest {
+                tag: String::new(),
+                path: path.into(),
+                offset: 0,
+                data: data.to_vec(),
+            },
+            CALL,
+        )
+        .unwrap();
+    assert_eq!(r.written as usize, data.len());
+}
+
+fn list(a: &mut AgentClient, path: &str) -> Vec<String> {
+    let mut names = a
+        .fs_list(
+            &FsListRequest {
+                tag: String::new(),
+                path: path.into(),
+            },
+            CALL,
+        )
+        .unwrap()
+        .names;
+    names.sort();
+    names
+}
+
+fn random(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    factory::clone::host_entropy(&mut v).unwrap();
+    v
+}
+
+#[test]
+fn virtiofsd_killed_while_the_guest_reads_fails_the_read_not_the_vm() {
+    let dir = TempDir::new("fs-kill");
+    let big = random(4 << 20);
+    std::fs::write(dir.0.join("big.bin"), &big).unwrap();
+    let (d, exits) = daemon("fs-kill", &dir.0);
+    let v = boot("fs-kill", vec![share(&d)]);
+    let mut a = AgentClient::connect_hybrid_vsock(&v.socket, AGENT_VSOCK_PORT, CALL).unwrap();
+    let first = read_chunk(&mut a, "big.bin", 0).unwrap();
+    assert_eq!(first, big[..CHUNK as usize]);
+    // SAFETY: kill(2) on the daemon, our own unreaped child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    let status = exits.recv_timeout(DEADLINE).expect("the owner is told");
+    assert!(!status.success());
+    // The rest of the file: the guest's request fails with EIO, it does not hang.
+    let err = read_chunk(&mut a, "big.bin", u64::from(CHUNK)).unwrap_err();
+    assert!(err.contains("errno 5"), "{err}");
+    // The VM and its agent are still up.
+    a.check(&CheckRequest::default(), CALL).unwrap();
+    assert!(v.vm.wait_exit(Some(Duration::ZERO)).is_none());
+    drop(d);
+    assert!(exits.try_recv().is_err(), "reported once");
+}
+
+#[test]
+fn template_with_virtio_fs_and_clones_with_their_own_shares() {
+    let base = TempDir::new("fs-template");
+    let empty = base.0.join("template-share");
+    std::fs::create_dir(&empty).unwrap();
+    let (template_daemon, _) = daemon("fs-template", &empty);
+    let template_dir = PathBuf::from(format!(
+        "/dev/shm/minivmm-e2e-fs-template-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&template_dir);
+    create_template(
+        &template_dir,
+        &GuestSpec::testguest(1, 128),
+        &CreateOptions {
+            fs: vec![share(&template_daemon)],
+            ..CreateOptions::default()
+        },
+    )
+    .expect("build template");
+    drop(template_daemon);
+    let memory = template_dir.join("memory");
+    let sha_before = snapshot::sha256_hex(&std::fs::read(&memory).unwrap());
+
+    let handle = TemplateHandle::open(&template_dir, None).unwrap();
+    let mut clones = Vec::new();
+    for i in 0..3 {
+        let dir = base.0.join(format!("clone-{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(format!("own-{i}.txt")), format!("clone {i}")).unwrap();
+        let (d, _exits) = daemon(&format!("fs-clone-{i}"), &dir);
+        let c = handle
+            .clone_vm(CloneOptions {
+                id: Some(format!("fs-clone-{i}")),
+                fs: vec![share(&d)],
+                ..CloneOptions::default()
+            })
+            .expect("clone");
+        clones.push((dir, d, c));
+    }
+    for (i, (_, _, c)) in clones.iter_mut().enumerate() {
+        let own = format!("own-{i}.txt");
+        assert_eq!(list(&mut c.agent, "."), [own.clone()]);
+        assert_eq!(
+            read_all(&mut c.agent, &own),
+            format!("clone {i}").as_bytes()
+        );
+        write_file(&mut c.agent, &format!("written-by-{i}"), &[i as u8; 1000]);
+    }
+    for (i, (dir, _, c)) in clones.iter_mut().enumerate() {
+        // Each sees its own two files, none of the others'.
+        assert_eq!(
+            list(&mut c.agent, "."),
+            [format!("own-{i}.txt"), format!("written-by-{i}")]
+        );
+        assert_eq!(
+            std::fs::read(dir.join(format!("written-by-{i}"))).unwrap(),
+            [i as u8; 1000]
+        );
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 2);
+    }
+    drop(clones);
+    drop(handle);
+    let sha_after = snapshot::sha256_hex(&std::fs::read(&memory).unwrap());
+    assert_eq!(sha_before, sha_after, "the template's memory changed");
+    let _ = snapshot::template::remove(&template_dir);
+    let _ = std::fs::remove_dir_all(&template_dir);
+}
