@@ -240,7 +240,7 @@ fn template_with_virtio_fs_and_clones_with_their_own_shares() {
     }
     for (i, (_, _, c)) in clones.iter_mut().enumerate() {
         let own = format!("own-{i}.txt");
-        assert_eq!(list(&mut c.agent, "."), [own.clone()]);
+        assert_eq!(list(&mut c.agent, "."), std::slice::from_ref(&own));
         assert_eq!(
             read_all(&mut c.agent, &own),
             format!("clone {i}").as_bytes()
