@@ -44,6 +44,26 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// virtio-fs through virtiofsd: sequential read MiB/s and 4 KiB
+    /// open+read+close per second against the host directly, and the extra
+    /// latency of a clone with a virtio-fs device (virtiofsd start included).
+    Fs {
+        /// Size of the sequentially read file in MiB.
+        #[arg(long, default_value_t = 64)]
+        file_mib: usize,
+        /// Number of 4 KiB files opened, read and closed.
+        #[arg(long, default_value_t = 500)]
+        small_files: usize,
+        /// Clones measured with and without the device.
+        #[arg(long, default_value_t = 20)]
+        clones: usize,
+        /// virtiofsd's --sandbox (namespace, chroot, none).
+        #[arg(long, default_value = "namespace")]
+        sandbox: String,
+        /// Print JSON only.
+        #[arg(long)]
+        json: bool,
+    },
     /// Template clones: restore, resume and ready latency, cold boot of the
     /// same guest for the ratio, private memory per live clone, clones/s.
     Clone {
@@ -431,6 +451,13 @@ fn bench_agent(calls: usize, bulk_mib: usize, json: bool) -> Result<ExitCode> {
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
+        BenchCommand::Fs {
+            file_mib,
+            small_files,
+            clones,
+            sandbox,
+            json,
+        } => crate::bench_fs::bench_fs(file_mib, small_files, clones, &sandbox, json),
         BenchCommand::Agent {
             calls,
             bulk_mib,

@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod bench;
+mod bench_fs;
 mod share;
 mod template_cmd;
 
@@ -204,6 +205,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         failure
     });
     let exit = vm.wait_exit(None).unwrap_or(GuestExit::Stopped);
+    // Each virtiofsd ends by itself once the VM disconnects: expected now.
+    for (_, d) in &daemons {
+        d.expect_exit();
+    }
     vm.stop();
     drop(vm);
     // Stopping the daemons closes the channel, which ends the watcher.

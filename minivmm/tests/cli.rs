@@ -454,3 +454,22 @@ fn share_read_write_list_through_the_cli_then_daemon_killed() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn share_run_ends_cleanly_when_the_guest_resets() {
+    let dir = temp_dir("share-reset");
+    let out = minivmm(&[
+        "run",
+        "--share",
+        dir.to_str().unwrap(),
+        "--console",
+        "stdout",
+        "--cmdline",
+        "action=reset",
+    ]);
+    // virtiofsd ends by itself when the VM disconnects: not an error.
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guest reset"));
+    assert!(virtiofsd_children(std::process::id()).is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -515,6 +515,15 @@ impl Virtiofsd {
         }
     }
 
+    /// From now on an exit is expected and not reported to the owner: call
+    /// it before disconnecting the VM, since virtiofsd ends by itself (status
+    /// 0) when its one vhost-user connection closes.
+    pub fn expect_exit(&self) {
+        let _ = self
+            .state
+            .compare_exchange(RUNNING, STOPPING, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
     /// The vhost-user socket.
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
