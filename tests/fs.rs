@@ -9,7 +9,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use agent_protocol::{
-    AgentClient, CheckRequest, FsListRequest, FsReadRequest, FsWriteRequest, AGENT_VSOCK_PORT,
+    AgentClient, CheckRequest, FsListRequest, FsPathRequest, FsReadRequest, FsWriteRequest,
+    AGENT_VSOCK_PORT,
 };
 use devices::virtio::fs::daemon::{find_virtiofsd, Virtiofsd, VirtiofsdConfig, INSTALL_HINT};
 use e2e::{temp_path, testguest, DEADLINE, READY_LINE};
@@ -139,18 +140,27 @@ fn read_all(a: &mut AgentClient, path: &str) -> Vec<u8> {
 }
 
 fn write_file(a: &mut AgentClient, path: &str, data: &[u8]) {
-    let r = a
-        .fs_write(
-            &FsWriteRequest {
-                tag: String::new(),
-                path: path.into(),
-                offset: 0,
-                data: data.to_vec(),
-            },
-            CALL,
-        )
-        .unwrap();
-    assert_eq!(r.written as usize, data.len());
+    // The test guest's agent takes at most 64 KiB per request: chunks.
+    let mut offset = 0;
+    loop {
+        let chunk = &data[offset..(offset + 32 * 1024).min(data.len())];
+        let r = a
+            .fs_write(
+                &FsWriteRequest {
+                    tag: String::new(),
+                    path: path.into(),
+                    offset: offset as u64,
+                    data: chunk.to_vec(),
+                },
+                CALL,
+            )
+            .unwrap();
+        assert_eq!(r.written as usize, chunk.len());
+        offset += chunk.len();
+        if offset >= data.len() {
+            return;
+        }
+    }
 }
 
 fn list(a: &mut AgentClient, path: &str) -> Vec<String> {
@@ -196,6 +206,35 @@ fn virtiofsd_killed_while_the_guest_reads_fails_the_read_not_the_vm() {
     assert!(v.vm.wait_exit(Some(Duration::ZERO)).is_none());
     drop(d);
     assert!(exits.try_recv().is_err(), "reported once");
+}
+
+#[test]
+fn guest_makes_directories_writes_into_them_and_removes_files() {
+    let dir = TempDir::new("fs-mkdir");
+    let (d, _exits) = daemon("fs-mkdir", &dir.0);
+    let v = boot("fs-mkdir", vec![share(&d)]);
+    let mut a = AgentClient::connect_hybrid_vsock(&v.socket, AGENT_VSOCK_PORT, CALL).unwrap();
+    let req = |path: &str| FsPathRequest {
+        tag: "share".into(),
+        path: path.into(),
+    };
+    a.fs_mkdir(&req("d1"), CALL).unwrap();
+    a.fs_mkdir(&req("d1/d2"), CALL).unwrap();
+    assert!(dir.0.join("d1/d2").is_dir());
+    let data = random(100_000);
+    write_file(&mut a, "d1/d2/f", &data);
+    assert_eq!(std::fs::read(dir.0.join("d1/d2/f")).unwrap(), data);
+    assert_eq!(read_all(&mut a, "d1/d2/f"), data);
+    let e = a.fs_mkdir(&req("d1"), CALL).unwrap_err().to_string();
+    assert!(e.contains("ALREADY_EXISTS"), "{e}");
+    a.fs_unlink(&req("d1/d2/f"), CALL).unwrap();
+    assert!(!dir.0.join("d1/d2/f").exists());
+    assert!(list(&mut a, "d1/d2").is_empty());
+    let e = a.fs_unlink(&req("d1/d2/f"), CALL).unwrap_err().to_string();
+    assert!(e.contains("NOT_FOUND"), "{e}");
+    // Paths stay inside the share.
+    let e = a.fs_mkdir(&req("../escape"), CALL).unwrap_err().to_string();
+    assert!(e.contains("INVALID_ARGUMENT"), "{e}");
 }
 
 #[test]

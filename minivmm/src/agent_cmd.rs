@@ -8,9 +8,9 @@ use std::time::Duration;
 use std::io::{Read, Write};
 
 use agent_protocol::{
-    AgentClient, CheckRequest, FsListRequest, FsReadRequest, FsWriteRequest, GetGuestTimeRequest,
-    GuestDetailsRequest, ReadRandomRequest, ReseedRandomDevRequest, TouchMemoryRequest,
-    AGENT_VSOCK_PORT,
+    AgentClient, CheckRequest, FsListRequest, FsPathRequest, FsReadRequest, FsWriteRequest,
+    GetGuestTimeRequest, GuestDetailsRequest, ReadRandomRequest, ReseedRandomDevRequest,
+    TouchMemoryRequest, AGENT_VSOCK_PORT,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -71,6 +71,22 @@ enum AgentCall {
     /// Make the file PATH of a virtio-fs share hold exactly stdin.
     FsWrite {
         /// Path relative to the share's root (its directory must exist).
+        path: String,
+        /// Tag of the share (default: the guest's first share).
+        #[arg(long, default_value = "")]
+        tag: String,
+    },
+    /// Create the directory PATH on a virtio-fs share.
+    FsMkdir {
+        /// Path relative to the share's root (its parent must exist).
+        path: String,
+        /// Tag of the share (default: the guest's first share).
+        #[arg(long, default_value = "")]
+        tag: String,
+    },
+    /// Remove the file PATH from a virtio-fs share.
+    FsRm {
+        /// Path relative to the share's root.
         path: String,
         /// Tag of the share (default: the guest's first share).
         #[arg(long, default_value = "")]
@@ -209,6 +225,26 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             serde_json::json!({"written": data.len()})
+        }
+        AgentCall::FsMkdir { path, tag } => {
+            client.fs_mkdir(
+                &FsPathRequest {
+                    tag,
+                    path: path.clone(),
+                },
+                deadline,
+            )?;
+            serde_json::json!({"created": path})
+        }
+        AgentCall::FsRm { path, tag } => {
+            client.fs_unlink(
+                &FsPathRequest {
+                    tag,
+                    path: path.clone(),
+                },
+                deadline,
+            )?;
+            serde_json::json!({"removed": path})
         }
         AgentCall::FsLs { path, tag } => {
             let r = client.fs_list(&FsListRequest { tag, path }, deadline)?;

@@ -435,6 +435,12 @@ fn share_read_write_list_through_the_cli_then_daemon_killed() {
     let out = agent(&["fs-read", "no-such-file"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"));
+    let out = agent(&["fs-mkdir", "sub/dir"], None);
+    assert!(out.status.success());
+    assert!(share.join("sub/dir").is_dir());
+    let out = agent(&["fs-rm", "sub/new.bin"], None);
+    assert!(out.status.success());
+    assert!(!share.join("sub/new.bin").exists());
 
     // The daemon dies: minivmm stops the VM and says which daemon it was.
     let daemons = virtiofsd_children(pid);

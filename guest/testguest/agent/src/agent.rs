@@ -16,11 +16,11 @@ use alloc::vec::Vec;
 use agent_protocol::check_response::ServingStatus;
 use agent_protocol::{
     AgentService, CheckRequest, CheckResponse, Code, Dispatcher, FsListRequest, FsListResponse,
-    FsReadRequest, FsReadResponse, FsWriteRequest, FsWriteResponse, GetGuestTimeRequest,
-    GetGuestTimeResponse, GuestDetailsRequest, GuestDetailsResponse, OnlineCpuMemRequest,
-    QuiesceForSnapshotRequest, ReadRandomRequest, ReadRandomResponse, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, Status, TouchMemoryRequest, TouchMemoryResponse, AGENT_VSOCK_PORT,
-    PROTOCOL_VERSION,
+    FsPathRequest, FsReadRequest, FsReadResponse, FsWriteRequest, FsWriteResponse,
+    GetGuestTimeRequest, GetGuestTimeResponse, GuestDetailsRequest, GuestDetailsResponse,
+    OnlineCpuMemRequest, QuiesceForSnapshotRequest, ReadRandomRequest, ReadRandomResponse,
+    ReseedRandomDevRequest, SetGuestDateTimeRequest, Status, TouchMemoryRequest,
+    TouchMemoryResponse, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
 };
 use testguest_abi::{BootInfo, FLAG_PVM};
 
@@ -320,6 +320,18 @@ impl AgentService for Agent {
             .write(info, clock, &request.path, request.offset, &request.data)
             .map_err(|e| fs_status("write", &request.path, e))?;
         Ok(FsWriteResponse { written })
+    }
+
+    fn fs_mkdir(&mut self, request: FsPathRequest) -> Result<(), Status> {
+        let (info, clock, dev) = self.share(&request.tag)?;
+        dev.mkdir(info, clock, &request.path)
+            .map_err(|e| fs_status("mkdir", &request.path, e))
+    }
+
+    fn fs_unlink(&mut self, request: FsPathRequest) -> Result<(), Status> {
+        let (info, clock, dev) = self.share(&request.tag)?;
+        dev.unlink(info, clock, &request.path)
+            .map_err(|e| fs_status("unlink", &request.path, e))
     }
 
     fn fs_list(&mut self, request: FsListRequest) -> Result<FsListResponse, Status> {

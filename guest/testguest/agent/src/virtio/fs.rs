@@ -37,6 +37,8 @@ pub const MAX_IO: usize = 256 * 1024;
 mod op {
     pub const LOOKUP: u32 = 1;
     pub const GETATTR: u32 = 3;
+    pub const MKDIR: u32 = 9;
+    pub const UNLINK: u32 = 10;
     pub const OPEN: u32 = 14;
     pub const READ: u32 = 15;
     pub const WRITE: u32 = 16;
@@ -470,6 +472,50 @@ impl FsDevice {
         })();
         self.release(info, clock, op::RELEASE, node, fh);
         result
+    }
+
+    /// The parent directory's node and the last component of `path`.
+    fn parent_of<'p>(
+        &mut self,
+        info: &BootInfo,
+        clock: &Clock,
+        components: &[&'p str],
+    ) -> Result<(u64, &'p str), Errno> {
+        let Some((name, parent)) = components.split_last() else {
+            return Err(Errno(EINVAL));
+        };
+        let (dir, mode) = self.walk(info, clock, parent)?;
+        if mode & S_IFMT != S_IFDIR {
+            return Err(Errno(ENOTDIR));
+        }
+        Ok((dir, name))
+    }
+
+    /// Creates the directory `path` (mode 0755).
+    pub fn mkdir(&mut self, info: &BootInfo, clock: &Clock, path: &str) -> Result<(), Errno> {
+        let components = path_components(path)?;
+        self.session(info, clock)?;
+        let (dir, name) = self.parent_of(info, clock, &components)?;
+        let mut mkdir_in = [0u8; 8];
+        mkdir_in[0..4].copy_from_slice(&0o755u32.to_le_bytes());
+        self.call(
+            info,
+            clock,
+            op::MKDIR,
+            dir,
+            &[&mkdir_in, &name_arg(name)],
+            ENTRY_OUT_LEN,
+        )?;
+        Ok(())
+    }
+
+    /// Removes the file `path`.
+    pub fn unlink(&mut self, info: &BootInfo, clock: &Clock, path: &str) -> Result<(), Errno> {
+        let components = path_components(path)?;
+        self.session(info, clock)?;
+        let (dir, name) = self.parent_of(info, clock, &components)?;
+        self.call(info, clock, op::UNLINK, dir, &[&name_arg(name)], 0)?;
+        Ok(())
     }
 
     /// The names in the directory at `path`.
