@@ -108,6 +108,7 @@ impl FakeBackend {
 }
 
 struct Rig {
+    device: Arc<Mutex<Fs>>,
     guest: TestGuest,
     backend: FakeBackend,
     /// Dropping it hangs up the device's "backend socket".
@@ -125,9 +126,10 @@ fn rig() -> Rig {
     // The device's end must outlive the device: leak it into the test.
     std::mem::forget(ours);
     let fs = Arc::new(Mutex::new(fs));
-    let mut guest = TestGuest::new(fs.clone(), fs);
+    let mut guest = TestGuest::new(fs.clone(), fs.clone());
     guest.init_driver(&[16, 64]).unwrap();
     Rig {
+        device: fs,
         guest,
         backend: FakeBackend {
             bounce,
@@ -360,6 +362,47 @@ fn backend_hangup_fails_pending_and_later_requests_with_eio() {
     r.guest.kick(1);
     assert_eq!(r.guest.wait_used(1, 1, DEADLINE), vec![(u32::from(h3), 16)]);
     assert_eq!(out_header(&r.guest, r.guest.buf(5)), (16, -5, 1003));
+}
+
+#[test]
+fn requests_in_flight_at_a_snapshot_fail_after_restore_instead_of_vanishing() {
+    let mut r = rig();
+    let head = post(&mut r.guest, 0, 555, b"pending", 64);
+    r.guest.kick(1);
+    assert!(crate::virtio::test_utils::wait_readable(
+        &r.backend.kick,
+        DEADLINE
+    ));
+    assert_eq!(r.backend.take().len(), 1);
+    r.guest.stop_loop();
+    let state = r.device.lock().unwrap().save();
+    assert_eq!(state.in_flight.len(), 1);
+    assert_eq!(
+        (state.in_flight[0].head, state.in_flight[0].unique),
+        (head, 555)
+    );
+    let transport_state = r.guest.transport.save();
+    // The restored VM's device, on a fresh backend.
+    let (bounce, shadows) = Fs::shadow_rings().unwrap();
+    let (ours, _peer) = UnixStream::pair().unwrap();
+    let mut fs = Fs::assemble("test", &state.tag, bounce, shadows, ours.as_raw_fd()).unwrap();
+    std::mem::forget(ours);
+    fs.restored = state.in_flight.clone();
+    let fs = Arc::new(Mutex::new(fs));
+    let t = crate::virtio::MmioTransport::restore(
+        "test",
+        r.guest.mem.clone(),
+        fs.clone(),
+        &transport_state,
+    )
+    .unwrap();
+    r.guest.replace_transport(t);
+    r.guest.start_loop(fs);
+    assert_eq!(
+        r.guest.wait_used(1, 1, DEADLINE),
+        vec![(u32::from(head), 16)]
+    );
+    assert_eq!(out_header(&r.guest, r.guest.buf(1)), (16, -5, 555));
 }
 
 mod with_virtiofsd {
