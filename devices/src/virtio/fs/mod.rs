@@ -18,6 +18,7 @@
 //! later one is completed with a FUSE `-EIO` reply: the guest never hangs.
 
 pub mod daemon;
+pub mod pool;
 pub mod shadow;
 
 use std::fs::File;

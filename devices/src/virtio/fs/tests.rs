@@ -560,6 +560,45 @@ mod with_virtiofsd {
     }
 
     #[test]
+    fn pooled_daemons_serve_their_own_directories_and_clean_up() {
+        require_virtiofsd();
+        let dir = TempDir::new("pool");
+        let mut base = config(&dir);
+        base.sandbox = "none".into();
+        let mut pool = crate::virtio::fs::pool::VirtiofsdPool::new("test", &dir.0, base);
+        pool.fill(2).unwrap();
+        assert_eq!(pool.len(), 2);
+        let a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        assert!(pool.take().is_none());
+        assert_ne!(a.dir, b.dir);
+        assert_ne!(a.daemon.socket_path(), b.daemon.socket_path());
+        let mut g = device_guest(a.daemon.socket_path());
+        g.write_mem(g.buf(0), &init_request(3));
+        g.add_chain(1, &[Desc::r(g.buf(0), 56), Desc::w(g.buf(1), 256)]);
+        g.kick(1);
+        g.wait_used(1, 1, DEADLINE);
+        assert_eq!(out_header(&g, g.buf(1)).1, 0);
+        drop(g);
+        a.daemon.expect_exit();
+        let (a_dir, b_dir) = (a.dir.clone(), b.dir.clone());
+        drop((a, b));
+        assert!(!a_dir.exists() && !b_dir.exists());
+        // A handed-out daemon's unexpected exit reaches its new owner.
+        pool.fill(1).unwrap();
+        let c = pool.take().unwrap();
+        // SAFETY: kill(2) on the pooled daemon, our own child.
+        unsafe { libc::kill(c.daemon.pid() as i32, libc::SIGKILL) };
+        assert!(c.exits.recv_timeout(DEADLINE).is_ok());
+        drop(c);
+        let left: Vec<_> = std::fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("share")]);
+    }
+
+    #[test]
     fn tags_are_checked() {
         for bad in ["", &"t".repeat(37), "a\0b"] {
             assert!(matches!(
