@@ -306,6 +306,22 @@ fn virtiofsd_children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// Processes whose command line mentions `needle` (e.g. a share directory).
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{p}/cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(needle) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn share_bad_configurations_are_one_line_errors() {
     let dir = temp_dir("share-bad");
@@ -328,7 +344,7 @@ fn share_bad_configurations_are_one_line_errors() {
     );
     assert_one_line_error(&out, "at most 107 fit a unix socket address");
     // Nothing was left running or on disk.
-    assert!(virtiofsd_children(std::process::id()).is_empty());
+    assert!(processes_mentioning(share).is_empty());
     assert_eq!(std::fs::read_dir(&long).unwrap().count(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -458,6 +474,7 @@ fn share_read_write_list_through_the_cli_then_daemon_killed() {
         stderr.contains("virtiofsd for share \"share\"") && stderr.contains("exited unexpectedly"),
         "{stderr}"
     );
+    assert!(processes_mentioning(share.to_str().unwrap()).is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -476,6 +493,6 @@ fn share_run_ends_cleanly_when_the_guest_resets() {
     // virtiofsd ends by itself when the VM disconnects: not an error.
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("guest reset"));
-    assert!(virtiofsd_children(std::process::id()).is_empty());
+    assert!(processes_mentioning(dir.to_str().unwrap()).is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
