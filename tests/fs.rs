@@ -13,6 +13,7 @@ use agent_protocol::{
     AGENT_VSOCK_PORT,
 };
 use devices::virtio::fs::daemon::{find_virtiofsd, Virtiofsd, VirtiofsdConfig, INSTALL_HINT};
+use devices::virtio::fs::subshare::{is_mount_point, SharedDir};
 use e2e::{temp_path, testguest, DEADLINE, READY_LINE};
 use factory::{create_template, CloneOptions, CreateOptions, GuestSpec, TemplateHandle};
 use vmm::console::ConsoleLines;
@@ -47,13 +48,24 @@ impl Drop for TempDir {
 
 /// A virtiofsd on `dir`; its unexpected exit arrives on the receiver.
 fn daemon(name: &str, dir: &Path) -> (Virtiofsd, mpsc::Receiver<ExitStatus>) {
+    daemon_with(name, dir, |_| {})
+}
+
+/// A virtiofsd on `dir`, its configuration adjusted by `adjust`.
+fn daemon_with(
+    name: &str,
+    dir: &Path,
+    adjust: impl FnOnce(&mut VirtiofsdConfig),
+) -> (Virtiofsd, mpsc::Receiver<ExitStatus>) {
     require_virtiofsd();
     let socket = temp_path(&format!("{name}.fs.sock"));
     let _ = std::fs::remove_file(&socket);
     let (tx, rx) = mpsc::channel();
+    let mut config = VirtiofsdConfig::new(dir, socket);
+    adjust(&mut config);
     let d = Virtiofsd::start(
         name,
-        &VirtiofsdConfig::new(dir, socket),
+        &config,
         Box::new(move |s| {
             let _ = tx.send(s);
         }),
@@ -235,6 +247,62 @@ fn guest_makes_directories_writes_into_them_and_removes_files() {
     // Paths stay inside the share.
     let e = a.fs_mkdir(&req("../escape"), CALL).unwrap_err().to_string();
     assert!(e.contains("INVALID_ARGUMENT"), "{e}");
+}
+
+#[test]
+fn an_extra_host_directory_is_shared_into_a_running_vm_and_removed() {
+    let base = TempDir::new("fs-extra");
+    let root = base.0.join("share");
+    let host = base.0.join("host");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::create_dir(&host).unwrap();
+    std::fs::write(root.join("base.txt"), b"base").unwrap();
+    let inner = random(300_000);
+    std::fs::write(host.join("inner.bin"), &inner).unwrap();
+    // Declared after `base`: dropped (unmounted) before the directories go.
+    let mut shared = SharedDir::new("fs-extra", &root).expect("prepare the share");
+    let (d, exits) = daemon_with("fs-extra", shared.path(), |c| c.announce_submounts = true);
+    let v = boot("fs-extra", vec![share(&d)]);
+    let mut a = AgentClient::connect_hybrid_vsock(&v.socket, AGENT_VSOCK_PORT, CALL).unwrap();
+    assert_eq!(list(&mut a, "."), ["base.txt"]);
+
+    let sub = shared
+        .add_dir(&host, "extra")
+        .expect("add the extra directory");
+    assert!(is_mount_point(&sub.mount_point).unwrap());
+    assert_eq!(list(&mut a, "."), ["base.txt", "extra"]);
+    assert_eq!(list(&mut a, "extra"), ["inner.bin"]);
+    assert_eq!(read_all(&mut a, "extra/inner.bin"), inner);
+    // The guest writes through the extra directory into the host directory.
+    let written = random(50_000);
+    write_file(&mut a, "extra/from-guest", &written);
+    assert_eq!(std::fs::read(host.join("from-guest")).unwrap(), written);
+
+    shared
+        .remove_dir("extra")
+        .expect("remove the extra directory");
+    assert_eq!(list(&mut a, "."), ["base.txt"]);
+    let e = read_chunk(&mut a, "extra/inner.bin", 0).unwrap_err();
+    assert!(e.contains("NOT_FOUND"), "{e}");
+    assert!(!sub.mount_point.exists());
+    assert!(!is_mount_point(&sub.mount_point).unwrap());
+    assert!(!is_mount_point(&host).unwrap());
+    // The host directory is untouched.
+    let mut names: Vec<_> = std::fs::read_dir(&host)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["from-guest", "inner.bin"]);
+    assert_eq!(std::fs::read(host.join("inner.bin")).unwrap(), inner);
+    // The daemon kept serving throughout.
+    assert_eq!(read_all(&mut a, "base.txt"), b"base");
+    assert!(exits.try_recv().is_err());
+    drop(v);
+    drop(d);
+    let root_mount = shared.path().to_path_buf();
+    drop(shared);
+    assert!(!is_mount_point(&root_mount).unwrap());
 }
 
 #[test]

@@ -20,6 +20,7 @@
 pub mod daemon;
 pub mod pool;
 pub mod shadow;
+pub mod subshare;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
