@@ -13,6 +13,7 @@ use agent_protocol::{
     AGENT_VSOCK_PORT,
 };
 use devices::virtio::fs::daemon::{find_virtiofsd, Virtiofsd, VirtiofsdConfig, INSTALL_HINT};
+use devices::virtio::fs::pool::VirtiofsdPool;
 use devices::virtio::fs::subshare::{is_mount_point, SharedDir};
 use e2e::{temp_path, testguest, DEADLINE, READY_LINE};
 use factory::{create_template, CloneOptions, CreateOptions, GuestSpec, TemplateHandle};
@@ -303,6 +304,35 @@ fn an_extra_host_directory_is_shared_into_a_running_vm_and_removed() {
     let root_mount = shared.path().to_path_buf();
     drop(shared);
     assert!(!is_mount_point(&root_mount).unwrap());
+}
+
+#[test]
+fn a_pooled_daemon_serves_a_directory_its_owner_bind_mounts_after_the_start() {
+    require_virtiofsd();
+    let base = TempDir::new("fs-pool-mount");
+    let host = base.0.join("rootfs");
+    std::fs::create_dir(&host).unwrap();
+    let data = random(70_000);
+    std::fs::write(host.join("app.bin"), &data).unwrap();
+    // virtiofsd's default sandbox: its own mount namespace.
+    let mut pool = VirtiofsdPool::new(
+        "fs-pool-mount",
+        &base.0.join("pool"),
+        VirtiofsdConfig::new(&base.0, base.0.join("unused.sock")),
+    );
+    pool.fill(1).unwrap();
+    let mut d = pool.take().unwrap();
+    // The daemon already runs; the sandbox's rootfs arrives now.
+    d.shared_dir().add_dir(&host, "rootfs").unwrap();
+    let v = boot("fs-pool-mount", vec![share(&d.daemon)]);
+    let mut a = AgentClient::connect_hybrid_vsock(&v.socket, AGENT_VSOCK_PORT, CALL).unwrap();
+    assert_eq!(list(&mut a, "."), ["rootfs"]);
+    assert_eq!(read_all(&mut a, "rootfs/app.bin"), data);
+    drop(v);
+    let mount_point = d.dir.join("rootfs");
+    drop(d);
+    assert!(!is_mount_point(&mount_point).unwrap());
+    assert_eq!(std::fs::read(host.join("app.bin")).unwrap(), data);
 }
 
 #[test]

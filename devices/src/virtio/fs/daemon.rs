@@ -133,6 +133,9 @@ pub enum DaemonError {
         /// How it ended.
         status: ExitStatus,
     },
+    /// The shared directory could not be prepared for extra directories.
+    #[error(transparent)]
+    SharedDir(#[from] super::subshare::SubShareError),
     /// virtiofsd did not create its socket in time.
     #[error("virtiofsd did not create {socket} within {timeout:?}")]
     NotReady {

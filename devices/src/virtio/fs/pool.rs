@@ -2,14 +2,18 @@
 //! project's hosts, several times a clone's whole restore-to-ready, so a
 //! runtime keeps a few running on empty per-sandbox directories and hands one
 //! to each new clone. The new owner fills the directory (copies, or
-//! bind-mounts a container's rootfs into it) before its guest mounts the
-//! share, which the guest does after the clone is ready.
+//! bind-mounts a container's rootfs into it through
+//! [`PooledDaemon::shared_dir`]) before its guest mounts the share, which the
+//! guest does after the clone is ready. Each slot directory is prepared as a
+//! [`SharedDir`] before its daemon starts, since a daemon in its own mount
+//! namespace sees a later bind mount only through propagation.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::mpsc;
 
 use super::daemon::{DaemonError, Virtiofsd, VirtiofsdConfig};
+use super::subshare::SharedDir;
 
 /// A daemon from the pool, serving its own directory.
 pub struct PooledDaemon {
@@ -19,12 +23,27 @@ pub struct PooledDaemon {
     pub dir: PathBuf,
     /// Its unexpected exit, if it happens.
     pub exits: mpsc::Receiver<ExitStatus>,
+    /// `dir`, ready for extra directories; `None` only while dropping.
+    shared: Option<SharedDir>,
+}
+
+impl PooledDaemon {
+    /// The daemon's directory, to bind-mount host directories into while
+    /// the daemon runs ([`SharedDir::add_dir`]); they are unmounted when
+    /// this is dropped.
+    pub fn shared_dir(&mut self) -> &mut SharedDir {
+        self.shared
+            .as_mut()
+            .expect("the shared directory lives until the drop")
+    }
 }
 
 impl Drop for PooledDaemon {
     fn drop(&mut self) {
-        // Only an empty directory is removed: the owner may have mounted
-        // something into it, and that must never be deleted through it.
+        // Unmount what the owner added (and the slot's own bind mount)
+        // first; then only an empty directory is removed, so nothing is
+        // ever deleted through a mount.
+        drop(self.shared.take());
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -72,6 +91,13 @@ impl VirtiofsdPool {
                 what: "creating a pool directory",
                 source,
             })?;
+            let shared = match SharedDir::new(&format!("{}-{slot}", self.name), &dir) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = std::fs::remove_dir(&dir);
+                    return Err(e.into());
+                }
+            };
             let mut config = self.base.clone();
             config.shared_dir = dir.clone();
             config.socket_path = self.root.join(format!("slot-{slot}.sock"));
@@ -84,8 +110,14 @@ impl VirtiofsdPool {
                 }),
             );
             match started {
-                Ok(daemon) => self.ready.push(PooledDaemon { daemon, dir, exits }),
+                Ok(daemon) => self.ready.push(PooledDaemon {
+                    daemon,
+                    dir,
+                    exits,
+                    shared: Some(shared),
+                }),
                 Err(e) => {
+                    drop(shared);
                     let _ = std::fs::remove_dir(&dir);
                     return Err(e);
                 }

@@ -581,9 +581,20 @@ mod with_virtiofsd {
         assert_eq!(out_header(&g, g.buf(1)).1, 0);
         drop(g);
         a.daemon.expect_exit();
+        // The owner bind-mounts a directory into its slot; dropping the
+        // daemon unmounts it and leaves that directory alone.
+        let host = dir.0.join("host");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::write(host.join("f"), b"kept").unwrap();
+        let mut a = a;
+        let sub = a.shared_dir().add_dir(&host, "rootfs").unwrap();
+        assert_eq!(std::fs::read(a.dir.join("rootfs/f")).unwrap(), b"kept");
         let (a_dir, b_dir) = (a.dir.clone(), b.dir.clone());
         drop((a, b));
         assert!(!a_dir.exists() && !b_dir.exists());
+        assert!(!crate::virtio::fs::subshare::is_mount_point(&sub.mount_point).unwrap());
+        assert_eq!(std::fs::read(host.join("f")).unwrap(), b"kept");
+        std::fs::remove_dir_all(&host).unwrap();
         // A handed-out daemon's unexpected exit reaches its new owner.
         pool.fill(1).unwrap();
         let c = pool.take().unwrap();
