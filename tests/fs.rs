@@ -197,6 +197,35 @@ fn random(n: usize) -> Vec<u8> {
     v
 }
 
+/// SIGKILL a virtiofsd and the process it serves from: its sandbox runs
+/// the server as a child of the process we started, which would otherwise
+/// outlive the parent's kill for a moment and still answer a request. Each
+/// child is waited for (pidfd) before the parent is killed.
+fn kill_daemon_tree(pid: u32) {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .expect("read the daemon's children");
+    for child in children.split_whitespace() {
+        let child: i32 = child.parse().expect("a pid");
+        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child, 0) } as i32;
+        assert!(fd >= 0, "pidfd_open {child}");
+        // SAFETY: kill(2) on the daemon's own server process.
+        unsafe { libc::kill(child, libc::SIGKILL) };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd; a pidfd is readable once the process ended.
+        let n = unsafe { libc::poll(&mut pfd, 1, DEADLINE.as_millis() as i32) };
+        // SAFETY: closes the pidfd opened above, used nowhere else.
+        unsafe { libc::close(fd) };
+        assert_eq!(n, 1, "virtiofsd server {child} did not end");
+    }
+    // SAFETY: kill(2) on the daemon, our own unreaped child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
 #[test]
 fn virtiofsd_killed_while_the_guest_reads_fails_the_read_not_the_vm() {
     let dir = TempDir::new("fs-kill");
@@ -207,8 +236,7 @@ fn virtiofsd_killed_while_the_guest_reads_fails_the_read_not_the_vm() {
     let mut a = AgentClient::connect_hybrid_vsock(&v.socket, AGENT_VSOCK_PORT, CALL).unwrap();
     let first = read_chunk(&mut a, "big.bin", 0).unwrap();
     assert_eq!(first, big[..CHUNK as usize]);
-    // SAFETY: kill(2) on the daemon, our own unreaped child.
-    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    kill_daemon_tree(d.pid());
     let status = exits.recv_timeout(DEADLINE).expect("the owner is told");
     assert!(!status.success());
     // The rest of the file: the guest's request fails with EIO, it does not hang.
