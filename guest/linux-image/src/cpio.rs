@@ -229,7 +229,7 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::GzBuilder::new()
         .mtime(0)
         .operating_system(3)
-        .write(Vec::new(), flate2::Compression::best());
+        .write(Vec::new(), flate2::Compression::default());
     // Writing into a Vec cannot fail.
     enc.write_all(data).expect("gzip into memory");
     enc.finish().expect("gzip into memory")

@@ -8,7 +8,9 @@
 //!   module's `.modinfo` `depends=` when the package ships no `modules.dep`,
 //!   which Debian's do not: `depmod` runs at install time);
 //! - [`cpio`]: a deterministic newc cpio writer and gzip without a timestamp,
-//!   so the same inputs give the same bytes.
+//!   so the same inputs give the same bytes;
+//! - [`guest`]: minivmm's Linux guest image (Debian kernel + initramfs with
+//!   the embedded Linux agent as `/init`).
 //!
 //! Used by `minivmm image linux` (the Linux guest image) and by the nested
 //! test bed (the outer VM's initramfs).
@@ -17,6 +19,7 @@
 
 pub mod cpio;
 pub mod deb;
+pub mod guest;
 pub mod modules;
 
 use std::path::PathBuf;
