@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod bench;
+mod image_cmd;
 mod template_cmd;
 
 use std::io::Write;
@@ -57,6 +58,10 @@ enum Command {
     /// Benchmarks (numbers, never pass/fail).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Build guest images (`image linux`: Debian kernel + initramfs with the
+    /// Linux agent).
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
 }
 
 #[derive(Subcommand)]
@@ -141,6 +146,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Clone(args) => template_cmd::clone(args),
         Command::Agent(args) => agent_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Image(cmd) => image_cmd::run(cmd),
     }
 }
 

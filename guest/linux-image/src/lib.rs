@@ -27,14 +27,15 @@ use std::path::PathBuf;
 /// Errors of image building; each names the file, package or value at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    /// A file or directory could not be read, written or created.
-    #[error("{path}: {source}")]
+    /// A file or directory could not be read, written or created. (The
+    /// error is in the message, not a `source`, so a chained display
+    /// does not print it twice.)
+    #[error("{}: {error}", path.display())]
     Io {
         /// The path at fault.
         path: PathBuf,
         /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An external tool (apt-get, apt-cache, dpkg-deb) could not be started
     /// or failed.
@@ -51,7 +52,7 @@ pub enum ImageError {
     #[error("cannot determine the kernel package: {0}")]
     Resolve(String),
     /// The extracted package is not a kernel package of the expected layout.
-    #[error("{path}: {detail}")]
+    #[error("{}: {detail}", path.display())]
     Layout {
         /// The directory or file at fault.
         path: PathBuf,
@@ -59,7 +60,7 @@ pub enum ImageError {
         detail: String,
     },
     /// A module that was asked for (or is a dependency) is not in the tree.
-    #[error("kernel module {name:?} not found under {tree} (needed by {needed_by})")]
+    #[error("kernel module {name:?} not found under {} (needed by {needed_by})", tree.display())]
     MissingModule {
         /// Module name.
         name: String,
@@ -69,7 +70,7 @@ pub enum ImageError {
         needed_by: String,
     },
     /// A module file could not be understood.
-    #[error("kernel module {path}: {detail}")]
+    #[error("kernel module {}: {detail}", path.display())]
     BadModule {
         /// The module file.
         path: PathBuf,
@@ -88,10 +89,10 @@ pub enum ImageError {
 
 impl ImageError {
     /// An [`ImageError::Io`] for `path`.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> ImageError {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> ImageError {
         ImageError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }
