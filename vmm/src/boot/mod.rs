@@ -272,15 +272,20 @@ pub fn load_kernel(
             Some(GuestAddress(HIMEM_START)),
         )
         .map_err(load_err)?;
-        // The decompressor needs init_size bytes from the load address
-        // (boot protocol 2.10+); older kernels only their image.
-        let init_size = r.setup_header.map_or(0, |h| u64::from(h.init_size));
+        // The decompressor needs init_size bytes from where the kernel runs
+        // (boot protocol 2.10+): the load address, or pref_address (where a
+        // relocatable kernel moves itself without KASLR); older kernels only
+        // their image.
+        let (init_size, pref) = r
+            .setup_header
+            .map_or((0, 0), |h| (u64::from(h.init_size), h.pref_address));
+        let runs_at = r.kernel_load.0.max(pref);
         LoadedKernel {
             entry: r.kernel_load.0 + BZIMAGE_ENTRY_64_OFFSET,
             header: r.setup_header,
             ap_start: ApStart::WaitForSipi,
             pvm_native: false,
-            end: r.kernel_end.max(r.kernel_load.0.saturating_add(init_size)),
+            end: r.kernel_end.max(runs_at.saturating_add(init_size)),
         }
     } else {
         return Err(BootError::NotAKernel { name });
