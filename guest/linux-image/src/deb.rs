@@ -78,9 +78,12 @@ pub fn parse_kernel_dependency(apt_cache_depends: &str) -> Option<String> {
     })
 }
 
-/// Cached `.deb` files of `package` (`PACKAGE_VERSION_ARCH.deb`), sorted.
-fn cached_debs(package: &str, cache: &Path) -> Result<Vec<PathBuf>, ImageError> {
-    let prefix = format!("{package}_");
+/// Cached `.deb` files (`PACKAGE_VERSION_ARCH.deb`) whose package name
+/// satisfies `wanted`, sorted by file name.
+fn cached_debs_where(
+    cache: &Path,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Vec<PathBuf>, ImageError> {
     let mut found = Vec::new();
     let entries = match std::fs::read_dir(cache) {
         Ok(e) => e,
@@ -90,12 +93,20 @@ fn cached_debs(package: &str, cache: &Path) -> Result<Vec<PathBuf>, ImageError> 
     for e in entries {
         let e = e.map_err(|e| ImageError::io(cache, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) && name.ends_with(".deb") {
+        let Some((package, _)) = name.split_once('_') else {
+            continue;
+        };
+        if name.ends_with(".deb") && wanted(package) {
             found.push(e.path());
         }
     }
     found.sort();
     Ok(found)
+}
+
+/// Cached `.deb` files of `package`, sorted.
+fn cached_debs(package: &str, cache: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    cached_debs_where(cache, |p| p == package)
 }
 
 /// The `.deb` of `package` in `cache`, downloaded with `apt-get download`
@@ -144,8 +155,8 @@ pub fn fetch_package(
 
 /// The kernel `.deb` to use: `explicit` if given (it must exist); else the
 /// package `linux-image-amd64` depends on, from the cache or downloaded;
-/// else, when apt cannot tell (no lists, offline), the newest cached
-/// `linux-image-*-amd64` package.
+/// else, when apt cannot tell or cannot download (no lists, offline), the
+/// newest cached `linux-image-*-amd64` package.
 pub fn kernel_deb(
     explicit: Option<&Path>,
     cache: &Path,
@@ -155,33 +166,34 @@ pub fn kernel_deb(
         std::fs::metadata(path).map_err(|e| ImageError::io(path, e))?;
         return Ok(path.to_path_buf());
     }
-    match resolve_kernel_package() {
-        Ok(package) => {
-            progress(&format!("kernel package: {package}"));
-            fetch_package(&package, cache, progress)
+    let resolved = resolve_kernel_package().and_then(|package| {
+        progress(&format!("kernel package: {package}"));
+        fetch_package(&package, cache, progress)
+    });
+    let err = match resolved {
+        Ok(deb) => return Ok(deb),
+        Err(e) => e,
+    };
+    match newest_cached_kernel(cache) {
+        Some(deb) => {
+            progress(&format!("{err}; using cached {}", deb.display()));
+            Ok(deb)
         }
-        Err(resolve_err) => {
-            let mut cached: Vec<PathBuf> = cached_debs("linux-image-", cache)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|p| {
-                    let name = p.file_name().unwrap_or_default().to_string_lossy();
-                    let package = name.split('_').next().unwrap_or_default();
-                    package.ends_with("-amd64") && !package.contains("unsigned")
-                })
-                .collect();
-            match cached.pop() {
-                Some(deb) => {
-                    progress(&format!(
-                        "apt cannot resolve the kernel ({resolve_err}); using cached {}",
-                        deb.display()
-                    ));
-                    Ok(deb)
-                }
-                None => Err(resolve_err),
-            }
-        }
+        None => Err(err),
     }
+}
+
+/// The last (in name order) cached `linux-image-*-amd64` package.
+fn newest_cached_kernel(cache: &Path) -> Option<PathBuf> {
+    cached_debs_where(cache, |package| {
+        package.starts_with("linux-image-")
+            && package.ends_with("-amd64")
+            && package != KERNEL_META_PACKAGE
+            && !package.contains("unsigned")
+            && !package.contains("dbg")
+    })
+    .ok()?
+    .pop()
 }
 
 /// Extracts the files of `deb` under `dest` (`dpkg-deb -x`).
@@ -287,6 +299,33 @@ mod tests {
         std::fs::write(dir.join("busybox_1.35.0-4+b3_amd64.deb"), b"y").unwrap();
         let got = fetch_package("busybox-static", &dir, &mut |_| {}).unwrap();
         assert_eq!(got, dir.join("busybox-static_1.35.0-4+b3_amd64.deb"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn offline_fallback_takes_a_cached_kernel_package_only() {
+        let dir = std::env::temp_dir().join(format!("linux-image-offline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(newest_cached_kernel(&dir), None);
+        for name in [
+            "linux-image-amd64_6.1.1-1_amd64.deb",
+            "linux-image-6.1.0-7-amd64-unsigned_6.1.1-1_amd64.deb",
+            "linux-image-6.1.0-7-amd64-dbg_6.1.1-1_amd64.deb",
+            "busybox-static_1_amd64.deb",
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        assert_eq!(newest_cached_kernel(&dir), None);
+        for name in [
+            "linux-image-6.1.0-1-amd64_6.1.1-1_amd64.deb",
+            "linux-image-6.1.0-5-amd64_6.1.5-1_amd64.deb",
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        assert_eq!(
+            newest_cached_kernel(&dir),
+            Some(dir.join("linux-image-6.1.0-5-amd64_6.1.5-1_amd64.deb"))
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
