@@ -7,7 +7,16 @@
 fn nested_suite_passes_on_svm_inside_qemu() {
     let report = match nested::run(nested::Options::new(Vec::new())) {
         Ok(report) => report,
-        Err(e) => panic!("nested test bed: {e}"),
+        Err(e) => {
+            if let nested::BedError::Deadline { finished, .. }
+            | nested::BedError::EndedEarly { finished, .. } = &e
+            {
+                for c in finished {
+                    eprintln!("nested: finished before: {} (status {})", c.name, c.status);
+                }
+            }
+            panic!("nested test bed: {e}")
+        }
     };
     let mut failed = Vec::new();
     for c in &report.checks {
