@@ -47,6 +47,7 @@ fn boot_with_agent_mode(name: &str, cmdline: &str, allow_pvm_native: bool) -> Ag
         memory: MemoryBackend::Anonymous,
         kernel: testguest(),
         cmdline: cmdline.into(),
+        initrd: None,
         console: Box::new(console.tap(Box::new(std::io::sink()))),
         virtio: vmm::VirtioConfig {
             rng: true,

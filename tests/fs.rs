@@ -112,6 +112,7 @@ fn boot(name: &str, fs: Vec<FsShare>) -> FsVm {
             vsock: Some(socket.clone()),
             fs,
         },
+        initrd: None,
         allow_pvm_native: true,
     })
     .expect("create VM");

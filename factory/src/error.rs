@@ -32,14 +32,24 @@ pub enum FactoryError {
         /// Why.
         source: std::io::Error,
     },
-    /// The guest did not reach a step in time.
-    #[error("the guest did not {step} within {secs} s (guest exit: {exit}; last console line: {last_line:?})")]
-    GuestTimeout {
-        /// What we waited for.
-        step: &'static str,
+    /// The guest's agent never answered Check before the boot deadline.
+    #[error("the guest agent did not answer within {secs} s (last attempt: {last_error}; guest exit: {exit}; last console line: {last_line:?})")]
+    AgentNotReady {
         /// The deadline.
         secs: u64,
+        /// Why the last attempt failed.
+        last_error: String,
         /// How the VM ended, if it did.
+        exit: String,
+        /// The last console line.
+        last_line: Option<String>,
+    },
+    /// The guest ended before its agent answered.
+    #[error(
+        "the guest ended ({exit}) before its agent answered (last console line: {last_line:?})"
+    )]
+    GuestEnded {
+        /// How it ended.
         exit: String,
         /// The last console line.
         last_line: Option<String>,

@@ -12,11 +12,13 @@ pub mod tmpfs;
 pub use clone::{CloneOptions, CloneTimings, ClonedVm, TemplateHandle};
 pub use error::FactoryError;
 pub use spec::GuestSpec;
-pub use template::{create_template, CreateOptions};
+pub use template::{create_template, wait_for_agent, CreateOptions};
 
 use std::time::Duration;
 
 /// Deadline for one agent call on the hot path (a bound, not an expectation).
 pub const AGENT_CALL_DEADLINE: Duration = Duration::from_secs(10);
-/// Deadline for a cold-booted guest to become ready.
-pub const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+/// Default deadline for a cold-booted guest's agent to answer: generous,
+/// because a Linux guest nested under software emulation takes 30-90 s to
+/// boot (the built-in guest needs milliseconds, so only failures wait it out).
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);

@@ -1,5 +1,7 @@
-//! What guest to build a template of: vCPUs, memory, kernel, command line.
+//! What guest to build a template of: vCPUs, memory, kernel, initrd,
+//! command line.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use snapshot::{GuestConfig, KernelRef};
@@ -21,6 +23,9 @@ pub struct GuestSpec {
     pub kernel: KernelImage,
     /// Kernel command line (without the VMM's own additions).
     pub cmdline: String,
+    /// Initial ramdisk (a Linux guest's initramfs with its agent). Only the
+    /// template boots it; clones restore its memory and never read it.
+    pub initrd: Option<PathBuf>,
 }
 
 impl GuestSpec {
@@ -34,12 +39,20 @@ impl GuestSpec {
                 data: Arc::from(testguest_image::TESTGUEST_ELF),
             },
             cmdline: String::new(),
+            initrd: None,
         }
     }
 
     /// The config recorded in (and compared against) a template manifest.
     pub fn guest_config(&self) -> Result<GuestConfig, FactoryError> {
         let image = self.kernel.read()?;
+        let initrd = match &self.initrd {
+            Some(path) => Some(KernelRef {
+                path: path.display().to_string(),
+                sha256: snapshot::sha256_hex(&vmm::boot::initrd::read_initrd(path)?),
+            }),
+            None => None,
+        };
         Ok(GuestConfig {
             vcpus: self.vcpus,
             mem_mib: self.mem_mib,
@@ -48,6 +61,7 @@ impl GuestSpec {
                 sha256: snapshot::sha256_hex(&image),
             },
             cmdline: self.cmdline.clone(),
+            initrd,
             devices: TEMPLATE_DEVICES.iter().map(|d| d.to_string()).collect(),
         })
     }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_protocol::{AgentClient, CheckRequest, QuiesceForSnapshotRequest, AGENT_VSOCK_PORT};
 use snapshot::{Manifest, TemplateWriter};
@@ -24,8 +24,8 @@ pub struct CreateOptions<'a> {
     pub overwrite: bool,
     /// Record a SHA-256 of the memory file (slower; `template check --full` uses it).
     pub record_memory_sha256: bool,
-    /// The console line after which the guest's agent listens.
-    pub ready_line: &'a str,
+    /// How long the cold boot may take until the guest's agent answers Check.
+    pub boot_deadline: Duration,
     /// Progress messages for people.
     pub progress: &'a dyn Fn(&str),
     /// virtio-fs devices of the template VM (their virtiofsd already
@@ -41,7 +41,7 @@ impl Default for CreateOptions<'_> {
             mount_tmpfs: false,
             overwrite: false,
             record_memory_sha256: false,
-            ready_line: testguest_image::READY_LINE,
+            boot_deadline: BOOT_DEADLINE,
             progress: &|_| {},
             fs: Vec::new(),
         }
@@ -59,24 +59,48 @@ pub fn temp_socket_path(purpose: &str) -> PathBuf {
     ))
 }
 
-/// Wait for a console line, or explain (with the guest's exit and last line) why not.
-pub(crate) fn wait_console(
+/// Longest wait between two attempts to reach a booting guest's agent.
+const AGENT_RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Wait until the agent of the booting `vm` answers Check on its hybrid
+/// vsock `socket`, within `deadline`, and return the connected client.
+/// Readiness is the agent's answer, never a console line, so any guest
+/// (built-in or Linux) works; `console` only explains a failure.
+pub fn wait_for_agent(
     vm: &Vm,
+    socket: &Path,
     console: &ConsoleLines,
-    needle: &str,
-    step: &'static str,
     deadline: Duration,
-) -> Result<(), FactoryError> {
-    match console.wait_for(needle, 0, deadline) {
-        Some(_) => Ok(()),
-        None => Err(FactoryError::GuestTimeout {
-            step,
-            secs: deadline.as_secs(),
-            exit: vm
-                .wait_exit(Some(Duration::ZERO))
-                .map_or("still running".into(), |e| e.to_string()),
-            last_line: console.lines().last().cloned(),
-        }),
+) -> Result<AgentClient, FactoryError> {
+    let start = Instant::now();
+    loop {
+        let remaining = deadline.saturating_sub(start.elapsed());
+        let attempt = remaining.min(AGENT_CALL_DEADLINE);
+        let last_error = match AgentClient::connect_hybrid_vsock(socket, AGENT_VSOCK_PORT, attempt)
+            .and_then(|mut agent| {
+                agent.check(&CheckRequest::default(), attempt)?;
+                Ok(agent)
+            }) {
+            Ok(agent) => return Ok(agent),
+            Err(e) => e.to_string(),
+        };
+        let remaining = deadline.saturating_sub(start.elapsed());
+        // Between attempts, wait for the guest to end (an event) rather than
+        // sleep: a guest that panics or powers off fails the wait at once.
+        if let Some(exit) = vm.wait_exit(Some(remaining.min(AGENT_RETRY_INTERVAL))) {
+            return Err(FactoryError::GuestEnded {
+                exit: exit.to_string(),
+                last_line: console.lines().last().cloned(),
+            });
+        }
+        if start.elapsed() >= deadline {
+            return Err(FactoryError::AgentNotReady {
+                secs: deadline.as_secs(),
+                last_error,
+                exit: "still running".into(),
+                last_line: console.lines().last().cloned(),
+            });
+        }
     }
 }
 
@@ -87,6 +111,15 @@ pub fn create_template(
     opts: &CreateOptions<'_>,
 ) -> Result<Manifest, FactoryError> {
     let progress = opts.progress;
+    // Reads (and checks) the kernel and the initrd before anything on disk
+    // changes: a bad input file leaves no directory behind.
+    let config = spec.guest_config()?;
+    let dir_existed = dir.exists();
+    let remove_new_dir = || {
+        if !dir_existed {
+            let _ = std::fs::remove_dir(dir);
+        }
+    };
     if opts.mount_tmpfs {
         tmpfs::mount_tmpfs(dir)?;
     } else if !opts.allow_non_tmpfs {
@@ -95,16 +128,40 @@ pub fn create_template(
             path: dir.to_path_buf(),
             source,
         })?;
-        tmpfs::require_tmpfs(dir)?;
+        tmpfs::require_tmpfs(dir).inspect_err(|_| remove_new_dir())?;
     }
-    let config = spec.guest_config()?;
     let writer = if opts.overwrite {
         TemplateWriter::create_overwrite(dir)?
     } else {
         TemplateWriter::create(dir)?
     };
     let mut writer = writer.record_memory_sha256(opts.record_memory_sha256);
+    let state = match boot_and_save(dir, spec, opts, &writer.memory_path()) {
+        Ok(state) => state,
+        Err(e) => {
+            // The VM never got far enough to be a template: no partial RAM
+            // file (and no directory we created) stays behind.
+            let _ = std::fs::remove_file(writer.memory_path());
+            if !opts.mount_tmpfs {
+                remove_new_dir();
+            }
+            return Err(e);
+        }
+    };
+    writer.write_state(&state)?;
+    progress("committing the template");
+    Ok(writer.commit(&config, "built by minivmm template create")?)
+}
 
+/// Boot `spec` with its RAM in `memory` (MAP_SHARED), wait for its agent,
+/// quiesce it, pause and save the VM state.
+fn boot_and_save(
+    dir: &Path,
+    spec: &GuestSpec,
+    opts: &CreateOptions<'_>,
+    memory: &Path,
+) -> Result<vmm::state::VmState, FactoryError> {
+    let progress = opts.progress;
     progress("booting the template VM");
     let socket = temp_socket_path("template");
     let _ = std::fs::remove_file(&socket);
@@ -113,9 +170,10 @@ pub fn create_template(
         id: format!("template-{}", dir.display()),
         vcpus: spec.vcpus,
         mem_mib: spec.mem_mib,
-        memory: MemoryBackend::SharedFile(writer.memory_path()),
+        memory: MemoryBackend::SharedFile(memory.to_path_buf()),
         kernel: spec.kernel.clone(),
         cmdline: spec.cmdline.clone(),
+        initrd: spec.initrd.clone(),
         console: Box::new(console.tap(Box::new(std::io::sink()))),
         virtio: vmm::VirtioConfig {
             rng: true,
@@ -126,17 +184,8 @@ pub fn create_template(
     })?;
     let result = (|| {
         vm.start()?;
-        wait_console(
-            &vm,
-            &console,
-            opts.ready_line,
-            "become ready",
-            BOOT_DEADLINE,
-        )?;
         progress("waiting for the guest agent");
-        let mut agent =
-            AgentClient::connect_hybrid_vsock(&socket, AGENT_VSOCK_PORT, AGENT_CALL_DEADLINE)?;
-        agent.check(&CheckRequest::default(), AGENT_CALL_DEADLINE)?;
+        let mut agent = wait_for_agent(&vm, &socket, &console, opts.boot_deadline)?;
         progress("quiescing the agent for the snapshot");
         agent.quiesce_for_snapshot(&QuiesceForSnapshotRequest::default(), AGENT_CALL_DEADLINE)?;
         drop(agent);
@@ -147,8 +196,5 @@ pub fn create_template(
     vm.stop();
     drop(vm);
     let _ = std::fs::remove_file(&socket);
-    let state = result?;
-    writer.write_state(&state)?;
-    progress("committing the template");
-    Ok(writer.commit(&config, "built by minivmm template create")?)
+    result
 }

@@ -143,6 +143,7 @@ pub fn boot_once(vcpus: u32, mem_mib: u64) -> Result<(Duration, Duration)> {
         memory: MemoryBackend::Anonymous,
         kernel: crate::kernel_image(None),
         cmdline: String::new(),
+        initrd: None,
         console: Box::new(lines.tap(Box::new(std::io::sink()))),
         virtio: vmm::VirtioConfig::default(),
         allow_pvm_native: true,
@@ -231,6 +232,7 @@ fn boot_with_agent(
         memory: MemoryBackend::Anonymous,
         kernel: spec.kernel.clone(),
         cmdline: spec.cmdline.clone(),
+        initrd: None,
         console: Box::new(lines.tap(Box::new(std::io::sink()))),
         virtio: vmm::VirtioConfig {
             rng: true,

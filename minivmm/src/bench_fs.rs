@@ -129,6 +129,7 @@ pub fn bench_fs(
             vsock: Some(vsock.clone()),
             fs: share(&daemon),
         },
+        initrd: None,
         allow_pvm_native: true,
     })?;
     vm.start()?;

@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod bench;
 mod bench_fs;
+mod image_cmd;
 mod share;
 mod template_cmd;
 
@@ -59,6 +60,10 @@ enum Command {
     /// Benchmarks (numbers, never pass/fail).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Build guest images (`image linux`: Debian kernel + initramfs with the
+    /// Linux agent).
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
 }
 
 #[derive(Subcommand)]
@@ -75,10 +80,14 @@ struct RunArgs {
     /// Kernel to boot (ELF or bzImage); default: the built-in test guest.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Initial ramdisk (cpio archive, plain or compressed) for a Linux kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Kernel command line. The test guest understands action=reset|count|
-    /// touch:PAGES:BYTE|ticks:N|cpus.
-    #[arg(long, default_value = "")]
-    cmdline: String,
+    /// touch:PAGES:BYTE|ticks:N|cpus. Default: none for the test guest,
+    /// "console=ttyS0 panic=-1 pci=off" for a bzImage.
+    #[arg(long)]
+    cmdline: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
@@ -147,6 +156,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Clone(args) => template_cmd::clone(args),
         Command::Agent(args) => agent_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Image(cmd) => image_cmd::run(cmd),
     }
 }
 
@@ -161,6 +171,42 @@ pub fn kernel_image(path: Option<PathBuf>) -> KernelImage {
     }
 }
 
+/// The user's command line, or the default for `kernel`'s kind.
+pub fn cmdline_for(kernel: &KernelImage, cmdline: Option<String>) -> Result<String> {
+    Ok(match cmdline {
+        Some(c) => c,
+        None => vmm::boot::default_cmdline(kernel)?.to_string(),
+    })
+}
+
+/// A console file created for this run; removed again if the VM never started.
+struct ConsoleFile {
+    path: PathBuf,
+    created: bool,
+}
+
+impl ConsoleFile {
+    fn create(path: &str) -> Result<(ConsoleFile, std::fs::File)> {
+        let path = PathBuf::from(path);
+        let existed = path.exists();
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create console file {}", path.display()))?;
+        Ok((
+            ConsoleFile {
+                path,
+                created: !existed,
+            },
+            file,
+        ))
+    }
+
+    fn discard(self) {
+        if self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let memory = match (args.memory_file, args.shared, args.private) {
         (None, _, _) => MemoryBackend::Anonymous,
@@ -168,23 +214,32 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         (Some(p), false, true) => MemoryBackend::PrivateFile(p),
         (Some(_), _, _) => bail!("--memory-file needs exactly one of --shared or --private"),
     };
-    let console: Box<dyn Write + Send> = if args.console == "stdout" {
-        Box::new(std::io::stdout())
+    let kernel = kernel_image(args.kernel);
+    let cmdline = cmdline_for(&kernel, args.cmdline)?;
+    let (console, console_file): (Box<dyn Write + Send>, _) = if args.console == "stdout" {
+        (Box::new(std::io::stdout()), None)
     } else {
-        Box::new(
-            std::fs::File::create(&args.console)
-                .with_context(|| format!("cannot create console file {}", args.console))?,
-        )
+        let (f, file) = ConsoleFile::create(&args.console)?;
+        (Box::new(file), Some(f))
     };
     let id = vmm::vm::default_vm_id();
-    let daemons = share::start_daemons(&id, &args.share)?;
-    let mut vm = Vm::create(VmConfig {
+    let daemons = match share::start_daemons(&id, &args.share) {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(f) = console_file {
+                f.discard();
+            }
+            return Err(e);
+        }
+    };
+    let created = Vm::create(VmConfig {
         id,
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
         memory,
-        kernel: kernel_image(args.kernel),
-        cmdline: args.cmdline,
+        kernel,
+        cmdline,
+        initrd: args.initrd,
         console,
         virtio: vmm::VirtioConfig {
             rng: args.rng || args.vsock.is_some(),
@@ -192,8 +247,18 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             fs: daemons.fs_config(),
         },
         allow_pvm_native: !args.no_pvm_native,
-    })?;
-    vm.start()?;
+    })
+    .and_then(|mut vm| vm.start().map(|()| vm));
+    let mut vm = match created {
+        Ok(vm) => vm,
+        Err(e) => {
+            // Nothing left behind: the VM's socket went with it, the console file goes too.
+            if let Some(f) = console_file {
+                f.discard();
+            }
+            return Err(e.into());
+        }
+    };
     // A share's daemon dying ends the VM: its guest would only see errors.
     let stopper = vm.stopper();
     let share::Daemons { daemons, exits } = daemons;

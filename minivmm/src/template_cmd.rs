@@ -46,9 +46,16 @@ pub struct CreateArgs {
     /// Kernel (default: the built-in test guest).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, default_value = "")]
-    cmdline: String,
+    /// Initial ramdisk for a Linux kernel (its hash goes into the manifest;
+    /// clones do not need the file).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default: as for `minivmm run`).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Seconds the cold boot may take until the guest's agent answers Check.
+    #[arg(long, default_value_t = factory::BOOT_DEADLINE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    boot_timeout: u64,
     /// Accept a directory that is not on tmpfs.
     #[arg(long)]
     allow_non_tmpfs: bool,
@@ -94,9 +101,11 @@ pub struct CloneArgs {
 pub fn template(cmd: TemplateCommand) -> Result<ExitCode> {
     match cmd {
         TemplateCommand::Create(a) => {
+            let kernel = crate::kernel_image(a.kernel);
             let spec = GuestSpec {
-                kernel: crate::kernel_image(a.kernel),
-                cmdline: a.cmdline,
+                cmdline: crate::cmdline_for(&kernel, a.cmdline)?,
+                kernel,
+                initrd: a.initrd,
                 ..GuestSpec::testguest(a.vcpus, a.mem_mib)
             };
             let progress = |m: &str| eprintln!("minivmm: {m}");
@@ -108,8 +117,9 @@ pub fn template(cmd: TemplateCommand) -> Result<ExitCode> {
                     mount_tmpfs: a.mount_tmpfs,
                     overwrite: a.force,
                     record_memory_sha256: a.memory_checksum,
+                    boot_deadline: std::time::Duration::from_secs(a.boot_timeout),
                     progress: &progress,
-                    ..CreateOptions::default()
+                    fs: Vec::new(),
                 },
             )?;
             if a.json {

@@ -51,6 +51,10 @@ pub struct GuestConfig {
     pub kernel: KernelRef,
     /// Kernel command line.
     pub cmdline: String,
+    /// Initial ramdisk, if the guest booted with one (absent in manifests
+    /// of guests without one, and in those written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<KernelRef>,
     /// Device kinds in attach order, e.g. `["vsock", "rng"]`.
     pub devices: Vec<String>,
 }
@@ -59,7 +63,8 @@ pub struct GuestConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config field `{field}` differs: template has {template}, requested {requested}")]
 pub struct ConfigMismatch {
-    /// Name of the differing field (`vcpus`, `mem_mib`, `kernel.sha256`, `cmdline`, `devices`).
+    /// Name of the differing field (`vcpus`, `mem_mib`, `kernel.sha256`,
+    /// `initrd.sha256`, `cmdline`, `devices`).
     pub field: &'static str,
     /// The template's value.
     pub template: String,
@@ -98,6 +103,18 @@ impl GuestConfig {
                 "kernel.sha256",
                 &self.kernel.sha256,
                 &requested.kernel.sha256,
+            ));
+        }
+        let initrd_hash = |c: &GuestConfig| {
+            c.initrd
+                .as_ref()
+                .map_or("none".to_string(), |i| i.sha256.to_ascii_lowercase())
+        };
+        if initrd_hash(self) != initrd_hash(requested) {
+            return Err(differ(
+                "initrd.sha256",
+                initrd_hash(self),
+                initrd_hash(requested),
             ));
         }
         if self.cmdline != requested.cmdline {

@@ -39,6 +39,7 @@ pub fn boot(cmdline: &str, vcpus: u32, memory: MemoryBackend) -> TestVm {
         memory,
         kernel: testguest(),
         cmdline: cmdline.into(),
+        initrd: None,
         console: Box::new(console.tap(Box::new(std::io::sink()))),
         virtio: vmm::VirtioConfig::default(),
         allow_pvm_native: true,

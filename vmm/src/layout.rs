@@ -19,10 +19,20 @@ pub const IDENTITY_MAP_GIB: u64 = 16;
 pub const CMDLINE_START: u64 = 0x2_0000;
 /// Largest command line we accept, NUL included.
 pub const CMDLINE_MAX_SIZE: usize = 4096;
+/// ACPI tables, RSDP first: in the BIOS area (reserved in e820) that
+/// Linux scans for the RSDP, up to `HIMEM_START`.
+pub const ACPI_START: u64 = 0xe_0000;
 /// Start of "high" memory: kernels load here or above.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the EBDA; RAM below 1 MiB ends here in the e820 map.
 pub const EBDA_START: u64 = 0x9_fc00;
+
+/// i8042 data port (the command port is 4 above it).
+pub const I8042_PORT: u16 = 0x60;
+/// i8042 command port: the FADT's reset register.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// ACPI sleep control (+0) and status (+1) registers of the hardware-reduced FADT.
+pub const ACPI_PM_PORT: u16 = 0x600;
 
 /// Start of the 32-bit MMIO gap (RAM above it is relocated past 4 GiB).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
@@ -42,6 +52,8 @@ pub const MIN_MEM_MIB: u64 = 32;
 /// Largest guest RAM we boot: all of it must fit under the identity map.
 pub const MAX_MEM_MIB: u64 = (IDENTITY_MAP_GIB << 10) - ((MMIO_GAP_END - MMIO_GAP_START) >> 20);
 
+// The command line ends before the ACPI tables.
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= ACPI_START);
 // The page directories must not run into the command line.
 const _: () = assert!(PD_START + IDENTITY_MAP_GIB * 4096 <= CMDLINE_START);
 

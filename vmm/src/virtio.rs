@@ -15,6 +15,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
+use crate::boot::acpi::MmioDevice;
 use crate::bus::Bus;
 use crate::layout::VIRTIO_MMIO_START;
 
@@ -118,6 +119,7 @@ pub struct VirtioDevices {
     fs: Vec<(SharedTransport, Arc<Mutex<Fs>>)>,
     event_loop: Option<EventLoopHandle>,
     cmdline: Vec<String>,
+    mmio: Vec<MmioDevice>,
 }
 
 fn device_err(device: &'static str) -> impl Fn(String) -> VirtioError {
@@ -131,6 +133,7 @@ struct Wiring<'a> {
     bus: &'a mut Bus,
     slot: u64,
     cmdline: Vec<String>,
+    mmio: Vec<MmioDevice>,
 }
 
 impl Wiring<'_> {
@@ -171,6 +174,11 @@ impl Wiring<'_> {
         let transport = Arc::new(Mutex::new(transport));
         self.bus.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
         self.cmdline.push(kernel_cmdline_arg(base, irq));
+        self.mmio.push(MmioDevice {
+            base,
+            len: MMIO_WINDOW_SIZE,
+            irq,
+        });
         self.slot += 1;
         Ok(transport)
     }
@@ -195,6 +203,7 @@ impl VirtioDevices {
             bus,
             slot: 0,
             cmdline: Vec::new(),
+            mmio: Vec::new(),
         };
         let mut event_loop =
             EventLoop::new().map_err(|e| device_err("event loop")(e.to_string()))?;
@@ -252,6 +261,7 @@ impl VirtioDevices {
             fs.push((t, dev));
         }
         let cmdline = std::mem::take(&mut w.cmdline);
+        let mmio = std::mem::take(&mut w.mmio);
         let event_loop = if rng.is_some() || vsock.is_some() || !fs.is_empty() {
             Some(
                 event_loop
@@ -267,12 +277,18 @@ impl VirtioDevices {
             fs,
             event_loop,
             cmdline,
+            mmio,
         })
     }
 
     /// The `virtio_mmio.device=` command-line arguments announcing the devices.
     pub fn cmdline(&self) -> &[String] {
         &self.cmdline
+    }
+
+    /// The transports' MMIO windows and interrupts, in slot order (for the DSDT).
+    pub fn mmio_devices(&self) -> Vec<MmioDevice> {
+        self.mmio.clone()
     }
 
     /// Tell the guest's vsock driver that every connection is gone (after a

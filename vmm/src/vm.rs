@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_COUNT};
 use devices::i8042::I8042;
 use devices::serial::{Serial, COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT};
 use kvm_bindings::{
@@ -34,8 +35,6 @@ use crate::virtio::{VirtioConfig, VirtioDevices};
 pub const MAX_VCPUS: u32 = 254;
 /// Default time a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// i8042 data port.
-const I8042_PORT: u64 = 0x60;
 
 /// What to build.
 pub struct VmConfig {
@@ -51,6 +50,8 @@ pub struct VmConfig {
     pub kernel: KernelImage,
     /// Kernel command line.
     pub cmdline: String,
+    /// Initial ramdisk (cpio archive, plain or compressed) described in the zero page.
+    pub initrd: Option<PathBuf>,
     /// Where the serial console goes.
     pub console: Box<dyn Write + Send>,
     /// virtio devices.
@@ -248,9 +249,16 @@ impl Shell {
         let serial = Arc::new(Mutex::new(serial));
         let reset_control = control.clone();
         let i8042 = I8042::new(Box::new(move || reset_control.end(GuestExit::Reset)));
+        let poweroff_control = control.clone();
+        let acpi_pm = AcpiPm::new(Box::new(move || poweroff_control.end(GuestExit::Shutdown)));
         let mut pio = Bus::new();
         pio.insert(COM1_PORT.into(), SERIAL_PORT_COUNT, serial.clone())?;
-        pio.insert(I8042_PORT, 5, Arc::new(Mutex::new(i8042)))?;
+        pio.insert(layout::I8042_PORT.into(), 5, Arc::new(Mutex::new(i8042)))?;
+        pio.insert(
+            layout::ACPI_PM_PORT.into(),
+            ACPI_PM_PORT_COUNT,
+            Arc::new(Mutex::new(acpi_pm)),
+        )?;
         let mut mmio = Bus::new();
         let virtio = VirtioDevices::attach(
             id,
@@ -321,7 +329,22 @@ impl Vm {
             }
             cmdline.push_str(&format!("cpus={}", config.vcpus));
         }
-        boot::write_boot_structures(mem, shell.ram.size(), &kernel, &cmdline)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::initrd::load_initrd(
+                mem,
+                shell.ram.size(),
+                path,
+                kernel.header.as_ref(),
+                kernel.end,
+            )?),
+            None => None,
+        };
+        let acpi = boot::acpi::write_tables(mem, config.vcpus, &shell.virtio.mmio_devices())?;
+        let extras = boot::params::BootExtras {
+            initrd: initrd.map(|i| (i.addr, i.size)),
+            acpi_rsdp: Some(acpi.rsdp),
+        };
+        boot::write_boot_structures(mem, shell.ram.size(), &kernel, &cmdline, extras)?;
 
         let supported = ioctl(
             "KVM_GET_SUPPORTED_CPUID",
@@ -339,7 +362,7 @@ impl Vm {
                 )?;
             }
         }
-        tracing::info!(vm = %config.id, flavour = ?shell.flavour, vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %config.kernel.name(), "VM created");
+        tracing::info!(vm = %config.id, flavour = ?shell.flavour, vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %config.kernel.name(), initrd = ?initrd, "VM created");
         Ok(shell.into_vm(config.id))
     }
 

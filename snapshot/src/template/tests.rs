@@ -16,6 +16,7 @@ fn config() -> GuestConfig {
             sha256: "ab".repeat(32),
         },
         cmdline: "console=ttyS0 quiet".into(),
+        initrd: None,
         devices: vec!["vsock".into(), "rng".into()],
     }
 }
@@ -303,6 +304,28 @@ fn config_mismatch_names_the_field() {
         assert!(err.to_string().contains(field), "{err}");
         assert_names(&err, &dir);
     }
+}
+
+#[test]
+fn initrd_is_compared_by_hash_and_optional_in_old_manifests() {
+    let with_initrd = GuestConfig {
+        initrd: Some(KernelRef {
+            path: "/tmp/initramfs.img".into(),
+            sha256: "cd".repeat(32),
+        }),
+        ..config()
+    };
+    let mismatch = with_initrd.compatible_with(&config()).unwrap_err();
+    assert_eq!(mismatch.field, "initrd.sha256");
+    let mut moved = with_initrd.clone();
+    moved.initrd.as_mut().unwrap().path = "/elsewhere.img".into();
+    with_initrd.compatible_with(&moved).unwrap();
+    // A manifest without the field (written before initrds) reads as None.
+    let mut json = serde_json::to_value(config()).unwrap();
+    assert!(json.get("initrd").is_none());
+    json.as_object_mut().unwrap().remove("initrd");
+    let back: GuestConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(back.initrd, None);
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! bzImage), write the GDT, identity page tables, zero page and command line,
 //! and describe the register state every vCPU starts with.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod gdt;
+pub mod initrd;
 pub mod paging;
 pub mod params;
 pub mod regs;
@@ -31,6 +33,26 @@ pub const MINIVMM_NOTE_DIRECT_AP: u32 = 0x4d56_0001;
 /// `regs::PVM_NATIVE_CONTROL_MSR`): it runs at hardware CPL 3 with CS 0x33,
 /// its IDT gates use the current CS and it needs no IST.
 pub const MINIVMM_NOTE_PVM_NATIVE: u32 = 0x4d56_0002;
+/// Command line a Linux kernel gets when the user gives none: console on
+/// COM1 (what `--console` captures), reboot on panic so a failed boot ends
+/// the VM instead of hanging, and no PCI probing (minivmm has no PCI bus).
+pub const LINUX_DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 pci=off";
+
+/// The command line for `image` when the user gives none: Linux's default
+/// for a bzImage, nothing for an ELF guest (the built-in test guest).
+pub fn default_cmdline(image: &KernelImage) -> Result<&'static str, BootError> {
+    let data = image.read()?;
+    Ok(if is_bzimage(&data) {
+        LINUX_DEFAULT_CMDLINE
+    } else {
+        ""
+    })
+}
+
+fn is_bzimage(data: &[u8]) -> bool {
+    data.len() > 0x206 && &data[0x202..0x206] == b"HdrS"
+}
+
 /// Offset of the 64-bit entry point from the protected-mode kernel of a bzImage.
 const BZIMAGE_ENTRY_64_OFFSET: u64 = 0x200;
 
@@ -93,6 +115,9 @@ pub struct LoadedKernel {
     pub ap_start: ApStart,
     /// The guest asked to be entered in PVM native mode (and the host is PVM).
     pub pvm_native: bool,
+    /// First guest-physical byte above the kernel and the memory it claims
+    /// while booting (a bzImage's `init_size`): nothing may be loaded below.
+    pub end: u64,
 }
 
 /// Errors loading a kernel and writing boot structures.
@@ -143,6 +168,41 @@ pub enum BootError {
     /// Bad command line.
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
+    /// The initrd file could not be read.
+    #[error("cannot read initrd {path}: {source}")]
+    ReadInitrd {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The initrd file is empty.
+    #[error("initrd {path} is empty")]
+    InitrdEmpty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The initrd is neither a cpio archive nor a compressed stream Linux unpacks.
+    #[error("initrd {path} is not a cpio archive or a gzip/xz/zstd/lz4/bzip2/lzma/lzo stream (first bytes: {head})")]
+    InitrdNotArchive {
+        /// The file.
+        path: PathBuf,
+        /// Its first bytes in hex.
+        head: String,
+    },
+    /// The initrd does not fit between the kernel and the initrd address limit.
+    #[error("initrd {path} is {size} bytes, but only {room} bytes of guest RAM are free for it above the kernel (give the VM more memory)")]
+    InitrdTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Room there is.
+        room: u64,
+    },
+    /// The ACPI tables could not be built.
+    #[error("cannot build the ACPI tables: {0}")]
+    Acpi(String),
     /// Zero page.
     #[error(transparent)]
     Params(#[from] params::ParamsError),
@@ -202,8 +262,9 @@ pub fn load_kernel(
             header: None,
             ap_start,
             pvm_native: flavour == Flavour::Pvm && notes.contains(&MINIVMM_NOTE_PVM_NATIVE),
+            end: r.kernel_end,
         }
-    } else if data.len() > 0x206 && &data[0x202..0x206] == b"HdrS" {
+    } else if is_bzimage(&data) {
         let r = BzImage::load(
             mem,
             None,
@@ -211,11 +272,20 @@ pub fn load_kernel(
             Some(GuestAddress(HIMEM_START)),
         )
         .map_err(load_err)?;
+        // The decompressor needs init_size bytes from where the kernel runs
+        // (boot protocol 2.10+): the load address, or pref_address (where a
+        // relocatable kernel moves itself without KASLR); older kernels only
+        // their image.
+        let (init_size, pref) = r
+            .setup_header
+            .map_or((0, 0), |h| (u64::from(h.init_size), h.pref_address));
+        let runs_at = r.kernel_load.0.max(pref);
         LoadedKernel {
             entry: r.kernel_load.0 + BZIMAGE_ENTRY_64_OFFSET,
             header: r.setup_header,
             ap_start: ApStart::WaitForSipi,
             pvm_native: false,
+            end: r.kernel_end.max(runs_at.saturating_add(init_size)),
         }
     } else {
         return Err(BootError::NotAKernel { name });
@@ -293,7 +363,16 @@ pub fn write_boot_structures(
     ram_bytes: u64,
     kernel: &LoadedKernel,
     cmdline: &str,
+    extras: params::BootExtras,
 ) -> Result<(), BootError> {
+    let max = params::cmdline_limit(kernel.header.as_ref());
+    if cmdline.len() + 1 > max {
+        return Err(params::ParamsError::CmdlineTooLong {
+            len: cmdline.len() + 1,
+            max,
+        }
+        .into());
+    }
     let write = |what: &'static str, r: Result<(), vm_memory::GuestMemoryError>| {
         r.map_err(|source| BootError::Write { what, source })
     };
@@ -322,6 +401,7 @@ pub fn write_boot_structures(
         kernel.header,
         cmdline.len() + 1,
         &params::e820_map(ram_bytes),
+        extras,
     )?;
     write(
         "zero page",

@@ -54,7 +54,7 @@ pub enum ParamsError {
     #[error("{0} e820 entries do not fit in the zero page")]
     TooManyE820Entries(usize),
     /// The command line is too long.
-    #[error("command line is {len} bytes, the limit is {max}")]
+    #[error("kernel command line is {len} bytes (NUL and the VMM's additions included), longer than the kernel's limit of {max}")]
     CmdlineTooLong {
         /// Its length, NUL included.
         len: usize,
@@ -63,17 +63,44 @@ pub enum ParamsError {
     },
 }
 
+/// Setup header version from which `cmdline_size` is valid (boot protocol 2.06).
+const CMDLINE_SIZE_VERSION: u16 = 0x206;
+
+/// The longest command line (NUL included) the kernel takes: its setup
+/// header's `cmdline_size` (a bzImage), capped by the space we reserve for it.
+pub fn cmdline_limit(header: Option<&setup_header>) -> usize {
+    match header {
+        Some(h) if { h.version } >= CMDLINE_SIZE_VERSION && { h.cmdline_size } != 0 => {
+            (h.cmdline_size as usize)
+                .saturating_add(1)
+                .min(CMDLINE_MAX_SIZE)
+        }
+        _ => CMDLINE_MAX_SIZE,
+    }
+}
+
+/// What the zero page describes besides the kernel and the command line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BootExtras {
+    /// The initrd: guest-physical address and size.
+    pub initrd: Option<(u64, u64)>,
+    /// The ACPI RSDP (boot protocol 2.14 `acpi_rsdp_addr`).
+    pub acpi_rsdp: Option<u64>,
+}
+
 /// Build the zero page. `header` is the setup header of a bzImage (None for an
 /// ELF kernel, which gets a synthetic one); `cmdline_len` includes the NUL.
 pub fn build_zero_page(
     header: Option<setup_header>,
     cmdline_len: usize,
     e820: &[E820Entry],
+    extras: BootExtras,
 ) -> Result<boot_params, ParamsError> {
-    if cmdline_len > CMDLINE_MAX_SIZE {
+    let max = cmdline_limit(header.as_ref());
+    if cmdline_len > max {
         return Err(ParamsError::CmdlineTooLong {
             len: cmdline_len,
-            max: CMDLINE_MAX_SIZE,
+            max,
         });
     }
     let mut params = boot_params::default();
@@ -90,7 +117,19 @@ pub fn build_zero_page(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.loadflags |= LOADED_HIGH;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
+    if header.is_none() {
+        params.hdr.cmdline_size = cmdline_len as u32;
+    }
+    if let Some((addr, size)) = extras.initrd {
+        // Low and high halves (the ext_ fields are boot protocol 2.12).
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+        params.ext_ramdisk_image = (addr >> 32) as u32;
+        params.ext_ramdisk_size = (size >> 32) as u32;
+    }
+    if let Some(rsdp) = extras.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(e820) {
         *slot = boot_e820_entry {
             addr,
@@ -133,7 +172,7 @@ mod tests {
     #[test]
     fn zero_page_fields_at_protocol_offsets() {
         let map = e820_map(256 << 20);
-        let p = build_zero_page(None, 12, &map).unwrap();
+        let p = build_zero_page(None, 12, &map, BootExtras::default()).unwrap();
         let bytes = p.as_slice();
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
         let u16_at = |o: usize| u16::from_le_bytes(bytes[o..o + 2].try_into().unwrap());
@@ -153,16 +192,50 @@ mod tests {
     }
 
     #[test]
+    fn initrd_and_rsdp_at_protocol_offsets() {
+        let extras = BootExtras {
+            initrd: Some((0x1_2345_6000, 0x2_0000_1000)),
+            acpi_rsdp: Some(0xe0000),
+        };
+        let p = build_zero_page(None, 1, &[], extras).unwrap();
+        let bytes = p.as_slice();
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        assert_eq!(u32_at(0x218), 0x2345_6000); // ramdisk_image
+        assert_eq!(u32_at(0x21c), 0x1000); // ramdisk_size
+        assert_eq!(u32_at(0xc0), 1); // ext_ramdisk_image
+        assert_eq!(u32_at(0xc4), 2); // ext_ramdisk_size
+        assert_eq!(
+            u64::from_le_bytes(bytes[0x70..0x78].try_into().unwrap()),
+            0xe0000
+        );
+    }
+
+    #[test]
     fn bzimage_header_is_kept_and_limits_enforced() {
         let h = setup_header {
             version: 0x20f,
             setup_sects: 30,
             ..Default::default()
         };
-        let p = build_zero_page(Some(h), 1, &e820_map(64 << 20)).unwrap();
+        let p = build_zero_page(Some(h), 1, &e820_map(64 << 20), BootExtras::default()).unwrap();
         assert_eq!({ p.hdr.version }, 0x20f);
         assert_eq!({ p.hdr.setup_sects }, 30);
-        assert!(build_zero_page(None, CMDLINE_MAX_SIZE + 1, &[]).is_err());
-        assert!(build_zero_page(None, 1, &vec![(0, 1, 1); 200]).is_err());
+        assert!(build_zero_page(None, CMDLINE_MAX_SIZE + 1, &[], BootExtras::default()).is_err());
+        assert!(build_zero_page(None, 1, &vec![(0, 1, 1); 200], BootExtras::default()).is_err());
+        // A bzImage's own cmdline_size (without the NUL) is the limit.
+        let h = setup_header {
+            version: 0x20f,
+            cmdline_size: 2047,
+            ..Default::default()
+        };
+        assert_eq!(cmdline_limit(Some(&h)), 2048);
+        assert!(build_zero_page(Some(h), 2048, &[], BootExtras::default()).is_ok());
+        assert!(build_zero_page(Some(h), 2049, &[], BootExtras::default()).is_err());
+        let old = setup_header {
+            version: 0x205,
+            cmdline_size: 100,
+            ..Default::default()
+        };
+        assert_eq!(cmdline_limit(Some(&old)), CMDLINE_MAX_SIZE);
     }
 }

@@ -18,7 +18,9 @@ pub mod packet;
 mod tests;
 
 use std::io::{Read, Write};
+use std::num::Wrapping;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -93,6 +95,12 @@ pub struct Vsock {
     /// Payload staging, MAX_PKT_PAYLOAD bytes.
     buf: Vec<u8>,
     reset_event_pending: bool,
+    /// The event queue's avail index when a transport reset was delivered,
+    /// until the driver posts a new event buffer (drivers re-post after
+    /// handling the event). Until then nothing is put on rx: Linux handles
+    /// rx and event work independently, and a connection it accepted before
+    /// handling the reset would be torn down by it.
+    reset_unacked_at: Option<Wrapping<u16>>,
 }
 
 impl Vsock {
@@ -118,6 +126,7 @@ impl Vsock {
             muxer,
             buf: vec![0; MAX_PKT_PAYLOAD],
             reset_event_pending: false,
+            reset_unacked_at: None,
         })
     }
 
@@ -213,9 +222,27 @@ impl Vsock {
         used > 0 && self.needs_notification(TX_QUEUE)
     }
 
+    /// Whether the driver has handled the last transport reset (or none is
+    /// outstanding): it made a new event buffer available since.
+    fn reset_acknowledged(&mut self) -> bool {
+        let (Some(at), Some(active)) = (self.reset_unacked_at, &self.active) else {
+            return true;
+        };
+        match self.queues[EVENT_QUEUE].avail_idx(&active.mem, Ordering::Acquire) {
+            Ok(idx) if idx == at => false,
+            _ => {
+                self.reset_unacked_at = None;
+                true
+            }
+        }
+    }
+
     /// Move packets for the guest into rx buffers; returns whether any
     /// buffer was used.
     fn process_rx(&mut self) -> bool {
+        if !self.reset_acknowledged() {
+            return false;
+        }
         let Some(active) = &self.active else {
             return false;
         };
@@ -297,6 +324,7 @@ impl Vsock {
             used += 1;
             if delivered {
                 self.reset_event_pending = false;
+                self.reset_unacked_at = queue.avail_idx(&active.mem, Ordering::Acquire).ok();
                 break;
             }
             if used >= queue.size() {
@@ -401,6 +429,7 @@ impl VirtioDevice for Vsock {
         self.muxer.stop();
         self.acked_features = 0;
         self.reset_event_pending = false;
+        self.reset_unacked_at = None;
         for q in &mut self.queues {
             q.reset();
         }

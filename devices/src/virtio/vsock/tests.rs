@@ -486,17 +486,32 @@ fn transport_reset_event_drops_connections() {
         0,
         "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
     );
+    // Until the driver re-posts an event buffer (it has handled the reset)
+    // nothing goes on rx: a connection it accepted first would be reset.
+    assert!(!v.dev.lock().unwrap().reset_acknowledged());
     // With a buffer already posted it is delivered at once; a too-small
     // buffer is returned empty.
     let small = v.g.add_chain(EVENT_QUEUE, &[Desc::w(ev, 2)]);
     let good = v.g.add_chain(EVENT_QUEUE, &[Desc::w(ev, 4)]);
+    assert!(v.dev.lock().unwrap().reset_acknowledged());
     v.dev.lock().unwrap().send_transport_reset();
     assert_eq!(
         v.g.wait_used(EVENT_QUEUE, 2, DEADLINE),
         vec![(u32::from(small), 0), (u32::from(good), 4)]
     );
+    assert!(!v.dev.lock().unwrap().reset_acknowledged());
+    // A host client arriving now waits; the driver re-posts the event
+    // buffer (as Linux does after handling the event) and it is served.
+    let mut host = v.host_client();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    v.g.add_chain(EVENT_QUEUE, &[Desc::w(ev, 4)]);
+    v.g.kick(EVENT_QUEUE as u16);
+    let (h, _) = v.recv();
+    assert_eq!((h.op, h.dst_port), (op::REQUEST, 1024));
+    v.send(v.hdr(op::RESPONSE, 1024, h.src_port, 0), &[]);
+    assert_eq!(read_line(&mut host), format!("OK {}", h.src_port));
     // Connections work again afterwards.
-    let (mut host, hp) = v.establish_host(1024);
+    let hp = h.src_port;
     host.write_all(b"x").unwrap();
     assert_eq!(
         v.recv(),
@@ -562,6 +577,9 @@ fn snapshot_state_round_trips_and_restored_device_works() {
         v.g.wait_used(EVENT_QUEUE, 1, DEADLINE),
         vec![(u32::from(ev_head), 4)]
     );
+    // The driver handles the reset and re-posts its event buffer.
+    v.g.add_chain(EVENT_QUEUE, &[Desc::w(ev, 4)]);
+    v.g.kick(EVENT_QUEUE as u16);
     // The restored rx ring continues where it was.
     let (mut host, hp) = v.establish_host(1024);
     host.write_all(b"after").unwrap();
