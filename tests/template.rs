@@ -64,6 +64,8 @@ fn remove_stale_dirs() {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Templates' memory files are immutable: remove() unseals them.
+            let _ = snapshot::template::remove(e.path());
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -317,7 +319,7 @@ fn bad_templates_are_reported_and_left_as_they_were() {
 
     // Built with 1 vCPU, asked for 2.
     let dir = copy_template("vcpus");
-    let mut want = snapshot::Template::open(&dir)
+    let mut want = snapshot::Template::open(&dir, vmm::state::STATE_SCHEMA)
         .unwrap()
         .manifest()
         .config

@@ -44,6 +44,18 @@ pub enum FactoryError {
         /// The last console line.
         last_line: Option<String>,
     },
+    /// A template's manifest and its decoded state describe different VMs.
+    #[error("template {}: the manifest says {field} = {manifest} but its state has {state}", .dir.display())]
+    StateMismatch {
+        /// Template directory.
+        dir: PathBuf,
+        /// Manifest field at odds with the state (`vcpus`, `mem_mib`, `memory.size_bytes`, `devices`).
+        field: &'static str,
+        /// The manifest's value.
+        manifest: String,
+        /// What the state has.
+        state: String,
+    },
     /// The kernel image could not be read.
     #[error(transparent)]
     Kernel(#[from] vmm::boot::BootError),

@@ -143,6 +143,15 @@ pub fn create_template(
     let _ = std::fs::remove_file(&socket);
     let state = result?;
     writer.write_state(&state)?;
+    // The manifest lists the devices the saved state has, not what was asked for.
+    let config = snapshot::GuestConfig {
+        devices: state.virtio.device_names(),
+        ..config
+    };
     progress("committing the template");
-    Ok(writer.commit(&config, "built by minivmm template create")?)
+    Ok(writer.commit(
+        &config,
+        vmm::state::STATE_SCHEMA,
+        "built by minivmm template create",
+    )?)
 }

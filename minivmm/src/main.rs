@@ -158,7 +158,11 @@ pub fn kernel_image(path: Option<PathBuf>) -> KernelImage {
 fn run(args: RunArgs) -> Result<ExitCode> {
     let memory = match (args.memory_file, args.shared, args.private) {
         (None, _, _) => MemoryBackend::Anonymous,
-        (Some(p), true, false) => MemoryBackend::SharedFile(p),
+        (Some(p), true, false) => {
+            // Guest writes would land in the file: never in a template's memory.
+            snapshot::template::refuse_template_memory(&p)?;
+            MemoryBackend::SharedFile(p)
+        }
         (Some(p), false, true) => MemoryBackend::PrivateFile(p),
         (Some(_), _, _) => bail!("--memory-file needs exactly one of --shared or --private"),
     };

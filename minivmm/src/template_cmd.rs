@@ -24,7 +24,8 @@ pub enum TemplateCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a template (manifest first, so a half-removed one is never valid).
+    /// Remove a template (manifest first, so a half-removed one is never
+    /// valid; the memory file's immutable flag is cleared first).
     Rm {
         /// Template directory.
         #[arg(long)]
@@ -120,22 +121,26 @@ pub fn template(cmd: TemplateCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TemplateCommand::Check { dir, full, json } => {
-            let t = if full {
-                snapshot::template::validate_full(&dir, None)?
-            } else {
-                snapshot::template::validate(&dir, None)?
-            };
+            // Validates the files, decodes the state and checks it against the manifest.
+            let handle = TemplateHandle::check(&dir, full)?;
+            let t = handle.template();
             if json {
                 println!("{}", serde_json::to_string_pretty(t.manifest())?);
             } else {
                 let m = t.manifest();
                 println!(
-                    "template {} is valid: {} vCPU(s), {} MiB, kernel {}, state {} bytes{}",
+                    "template {} is valid: {} vCPU(s), {} MiB, devices {}, kernel {}, state {} bytes, memory {}{}",
                     dir.display(),
-                    m.config.vcpus,
-                    m.config.mem_mib,
+                    handle.state().vcpus.len(),
+                    handle.state().mem_mib,
+                    m.config.devices.join(","),
                     m.config.kernel.path,
                     m.state.size_bytes,
+                    match (t.memory_sealed(), m.memory.immutable) {
+                        (true, _) => "immutable",
+                        (false, true) => "NOT immutable (sealed at commit, since copied or unsealed)",
+                        (false, false) => "read-only (the filesystem took no immutable flag)",
+                    },
                     match (full, &m.memory_sha256) {
                         (true, Some(_)) => ", memory checksum verified",
                         (true, None) => ", memory checksum not recorded",
@@ -159,7 +164,7 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
     let expected = match (a.vcpus, a.mem_mib) {
         (None, None) => None,
         (vcpus, mem_mib) => {
-            let t = snapshot::Template::open(&a.template)?;
+            let t = snapshot::Template::open(&a.template, vmm::state::STATE_SCHEMA)?;
             let mut c = t.manifest().config.clone();
             c.vcpus = vcpus.unwrap_or(c.vcpus);
             c.mem_mib = mem_mib.unwrap_or(c.mem_mib);

@@ -24,7 +24,8 @@ use crate::kvm::{self, Flavour, KvmError};
 use crate::layout;
 use crate::memory::{GuestRam, MemoryBackend, MemoryError};
 use crate::state::{
-    msrs_to_save, restore_vcpu, restore_vm, save_vcpu, save_vm, StateError, VmState,
+    restore_vcpu, restore_vm, save_vcpu, save_vm, xsave_bytes, StateError, VcpuStateContext,
+    VmState,
 };
 pub use crate::vcpu::GuestExit;
 use crate::vcpu::{self, ControlError, VcpuContext, VcpuControl, VcpuHandle};
@@ -347,8 +348,9 @@ impl Vm {
             (&virtio, Some(state)),
         )?;
         restore_vm(&shell.vm_fd, &state.kvm)?;
+        let xsave = xsave_bytes(&shell.vm_fd);
         for (i, (fd, s)) in shell.vcpu_fds.iter().zip(&state.vcpus).enumerate() {
-            restore_vcpu(fd, i, s)?;
+            restore_vcpu(fd, i, s, xsave)?;
         }
         // Connections from before the snapshot are gone: tell the guest now,
         // so its agent listens again before the host connects.
@@ -360,11 +362,11 @@ impl Vm {
     /// Save the state of a paused (or not yet started) VM; RAM is not part
     /// of it (it lives in the memory backend).
     pub fn save(&self) -> Result<VmState, VmError> {
-        let msr_list = msrs_to_save(&self.kvm)?;
+        let ctx = VcpuStateContext::new(&self.kvm, &self.vm_fd)?;
         let mut vcpus = Vec::new();
         if self.vcpus.is_empty() {
             for (i, fd) in self.vcpu_fds.iter().enumerate() {
-                vcpus.push(save_vcpu(fd, i, &msr_list)?);
+                vcpus.push(save_vcpu(fd, i, &ctx)?);
             }
         } else {
             if !self.control.is_paused() {
@@ -372,7 +374,7 @@ impl Vm {
             }
             for (i, v) in self.vcpus.iter().enumerate() {
                 let fd = v.fd.lock().unwrap_or_else(|p| p.into_inner());
-                vcpus.push(save_vcpu(&fd, i, &msr_list)?);
+                vcpus.push(save_vcpu(&fd, i, &ctx)?);
             }
         }
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
