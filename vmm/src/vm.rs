@@ -35,6 +35,8 @@ use crate::virtio::{VirtioConfig, VirtioDevices};
 pub const MAX_VCPUS: u32 = 254;
 /// Default time a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long stopping a VM waits for its threads before reporting them stuck.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// i8042 data port.
 const I8042_PORT: u64 = 0x60;
 
@@ -116,6 +118,14 @@ pub enum VmError {
     /// start() called twice.
     #[error("the VM was already started")]
     AlreadyStarted,
+    /// Threads of the VM did not end when it was stopped.
+    #[error("threads {threads:?} did not end within {timeout:?} of the stop; left behind")]
+    StuckThreads {
+        /// Their names.
+        threads: Vec<String>,
+        /// The deadline.
+        timeout: Duration,
+    },
 }
 
 fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -378,12 +388,22 @@ impl Vm {
             }
         }
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        // Not started: the device thread may still serve host sockets, so
+        // hold it for the moment its state is taken.
+        let hold_devices = self.vcpus.is_empty() && !self.virtio.is_quiet();
+        if hold_devices {
+            self.virtio.pause(PAUSE_TIMEOUT)?;
+        }
+        let virtio = self.virtio.save();
+        if hold_devices {
+            self.virtio.resume();
+        }
         Ok(VmState {
             mem_mib: self.ram.size() >> 20,
             vcpus,
             kvm: save_vm(&self.vm_fd)?,
             serial,
-            virtio: self.virtio.save(),
+            virtio: virtio?,
         })
     }
 
@@ -409,24 +429,67 @@ impl Vm {
         Ok(())
     }
 
-    /// Pause every vCPU (returns once all are out of KVM_RUN).
+    /// Pause the whole machine: every vCPU (out of KVM_RUN), then the device
+    /// thread (parked between two events). Until `resume`, no guest code
+    /// runs, no queue moves and guest memory does not change.
     pub fn pause(&self) -> Result<(), VmError> {
-        Ok(self.control.pause(PAUSE_TIMEOUT)?)
+        self.control.pause(PAUSE_TIMEOUT)?;
+        // vCPUs first: once they are parked nothing new can notify a queue.
+        if let Err(e) = self.virtio.pause(PAUSE_TIMEOUT) {
+            let _ = self.control.resume();
+            return Err(e.into());
+        }
+        Ok(())
     }
 
-    /// Resume after `pause`.
+    /// Wait until the VM's vsock device has no open connection (e.g. the
+    /// guest agent finished quiescing for a snapshot), or `timeout` passes;
+    /// returns how many are still open.
+    pub fn wait_vsock_idle(&self, timeout: Duration) -> usize {
+        self.virtio.wait_vsock_idle(timeout)
+    }
+
+    /// Resume after `pause`: devices first, so they are running by the time
+    /// a vCPU notifies one.
     pub fn resume(&self) -> Result<(), VmError> {
+        self.virtio.resume();
         Ok(self.control.resume()?)
     }
 
-    /// Stop the VM (idempotent): join its vCPU threads and stop its devices.
+    /// Stop the VM (idempotent): join its vCPU threads and stop its devices,
+    /// each with a deadline ([`STOP_DEADLINE`]). Threads stuck past it are
+    /// logged with the VM id and left behind.
     pub fn stop(&mut self) {
-        self.control.end(GuestExit::Stopped);
-        self.control.forget_threads();
-        for v in &mut self.vcpus {
-            v.join();
+        if let Err(stuck) = self.stop_checked() {
+            tracing::error!(vm = %self.id, "{stuck}");
         }
-        self.virtio.stop();
+    }
+
+    /// [`stop`](Self::stop), reporting threads that did not end in time.
+    pub fn stop_checked(&mut self) -> Result<(), VmError> {
+        self.control.end(GuestExit::Stopped);
+        // end() has kicked every thread; forget them before any is joined,
+        // so no later kick can reach a thread id that is no longer valid.
+        self.control.forget_threads();
+        let deadline = std::time::Instant::now() + STOP_DEADLINE;
+        let mut stuck = Vec::new();
+        for v in &mut self.vcpus {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if let Err(e) = v.join(left) {
+                stuck.push(e.name);
+            }
+        }
+        if !self.virtio.stop() {
+            stuck.push(format!("virtio-{}", self.id));
+        }
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(VmError::StuckThreads {
+                threads: stuck,
+                timeout: STOP_DEADLINE,
+            })
+        }
     }
 
     /// Wait until the guest ends (None: no deadline); None if it has not.

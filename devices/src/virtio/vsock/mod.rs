@@ -19,6 +19,8 @@ mod tests;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -35,7 +37,7 @@ use super::{
 };
 
 pub use self::connection::{CONN_BUF_ALLOC, CONN_TIMEOUT};
-pub use self::muxer::{HOST_PORT_BASE, MAX_CONNECTIONS};
+pub use self::muxer::{HOST_PORT_BASE, MAX_CONNECTIONS, MAX_HOST_CONNECTIONS};
 
 /// Index of the rx queue (virtio 1.2 §5.10.2).
 pub const RX_QUEUE: usize = 0;
@@ -93,6 +95,44 @@ pub struct Vsock {
     /// Payload staging, MAX_PKT_PAYLOAD bytes.
     buf: Vec<u8>,
     reset_event_pending: bool,
+    watch: ConnectionWatch,
+}
+
+/// The number of open connections of a vsock device, published after every
+/// pass of its event handler, for the host to wait on (with a deadline).
+#[derive(Clone, Default)]
+pub struct ConnectionWatch {
+    inner: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl ConnectionWatch {
+    fn publish(&self, count: usize) {
+        let (lock, cond) = &*self.inner;
+        let mut c = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if *c != count {
+            *c = count;
+            cond.notify_all();
+        }
+    }
+
+    /// Wait until no connection is open, or `timeout` passes; returns the
+    /// number still open (0: idle).
+    pub fn wait_idle(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.inner;
+        let mut c = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while *c > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            c = cond
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *c
+    }
 }
 
 impl Vsock {
@@ -118,6 +158,7 @@ impl Vsock {
             muxer,
             buf: vec![0; MAX_PKT_PAYLOAD],
             reset_event_pending: false,
+            watch: ConnectionWatch::default(),
         })
     }
 
@@ -144,12 +185,18 @@ impl Vsock {
         self.muxer.connection_count()
     }
 
+    /// A handle to wait for the device's connections to be gone.
+    pub fn connection_watch(&self) -> ConnectionWatch {
+        self.watch.clone()
+    }
+
     /// Drop every connection and tell the guest with a
     /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET event (virtio 1.2 §5.10.6.8), e.g.
     /// after a snapshot restore. Delivered as soon as the guest has an event
     /// buffer available.
     pub fn send_transport_reset(&mut self) {
         self.muxer.drop_connections();
+        self.watch.publish(0);
         self.reset_event_pending = true;
         if self.process_event_queue() {
             self.signal_used();
@@ -417,6 +464,7 @@ impl MutEventSubscriber for Vsock {
             },
         }
         if self.active.is_none() {
+            self.watch.publish(self.muxer.connection_count());
             return;
         }
         // Every pass does all the work: guest packets first (they may owe
@@ -427,6 +475,7 @@ impl MutEventSubscriber for Vsock {
         if notify {
             self.signal_used();
         }
+        self.watch.publish(self.muxer.connection_count());
     }
 
     fn init(&mut self, ops: &mut EventOps) {
