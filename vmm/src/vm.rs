@@ -18,7 +18,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use crate::boot::KernelImage;
-use crate::boot::{self, ApStart, BootError};
+use crate::boot::{self, ApStart, BootError, EntryProtocol};
 use crate::bus::{Bus, BusError};
 use crate::kvm::{self, Flavour, KvmError};
 use crate::layout;
@@ -295,6 +295,13 @@ impl Shell {
 impl Vm {
     /// Create the VM and load the kernel; the vCPUs do not run until `start`.
     pub fn create(config: VmConfig) -> Result<Vm, VmError> {
+        Self::create_with_entry(config, EntryProtocol::Minivmm)
+    }
+
+    /// [`create`](Self::create), entering the guest by `entry`: tests use
+    /// `EntryProtocol::LinuxMinimal` to check that a guest needs no more than
+    /// the Linux 64-bit boot protocol promises (as under Firecracker).
+    pub fn create_with_entry(config: VmConfig, entry: EntryProtocol) -> Result<Vm, VmError> {
         let shell = Shell::new(
             &config.id,
             config.vcpus,
@@ -304,7 +311,8 @@ impl Vm {
             (&config.virtio, None),
         )?;
         let mem = shell.ram.memory();
-        let kernel = boot::load_kernel(mem, shell.ram.size(), &config.kernel, shell.flavour)?;
+        let kernel =
+            boot::load_kernel(mem, shell.ram.size(), &config.kernel, shell.flavour)?.under(entry);
         let mut cmdline = config.cmdline.clone();
         for arg in shell.virtio.cmdline() {
             if !cmdline.is_empty() {
@@ -319,7 +327,7 @@ impl Vm {
             }
             cmdline.push_str(&format!("cpus={}", config.vcpus));
         }
-        boot::write_boot_structures(mem, shell.ram.size(), &kernel, &cmdline)?;
+        boot::write_boot_structures(mem, shell.ram.size(), &kernel, &cmdline, entry)?;
 
         let supported = ioctl(
             "KVM_GET_SUPPORTED_CPUID",
@@ -328,7 +336,9 @@ impl Vm {
         for (i, fd) in shell.vcpu_fds.iter().enumerate() {
             let i = i as u32;
             boot::regs::configure_common(fd, i, config.vcpus, &supported)?;
-            if i == 0 || kernel.ap_start == ApStart::Direct {
+            if i == 0 && entry == EntryProtocol::LinuxMinimal {
+                boot::regs::configure_minimal_linux_entry(fd, i, kernel.entry)?;
+            } else if i == 0 || kernel.ap_start == ApStart::Direct {
                 boot::regs::configure_64bit_entry(
                     fd,
                     i,
