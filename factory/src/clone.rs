@@ -69,9 +69,10 @@ pub struct ClonedVm {
 }
 
 impl Drop for ClonedVm {
+    /// Stops the VM; its vsock device removes its own socket (and only its
+    /// own) when the VM is dropped right after.
     fn drop(&mut self) {
         self.vm.stop();
-        let _ = std::fs::remove_file(&self.vsock);
     }
 }
 
@@ -130,8 +131,9 @@ impl TemplateHandle {
     pub fn clone_vm(&self, opts: CloneOptions) -> Result<ClonedVm, FactoryError> {
         let t0 = Instant::now();
         self.template.check_memory_unchanged()?;
+        // A live socket at the path (another run's clone) is refused, never
+        // unlinked; a stale one is replaced.
         let vsock = opts.vsock.unwrap_or_else(|| temp_socket_path("clone"));
-        let _ = std::fs::remove_file(&vsock);
         let console = ConsoleLines::new();
         let mut vm = Vm::restore(
             RestoreConfig {
@@ -148,8 +150,8 @@ impl TemplateHandle {
         let agent = match ready(&vsock) {
             Ok(agent) => agent,
             Err(e) => {
+                // Dropping the VM stops it and removes its socket.
                 vm.stop();
-                let _ = std::fs::remove_file(&vsock);
                 return Err(e);
             }
         };

@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod bench;
+mod signals;
 mod template_cmd;
 
 use std::io::Write;
@@ -28,6 +29,16 @@ const EXIT_CRASHED: u8 = 4;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// seccomp filters on every thread ("off" only for debugging: a
+    /// forbidden syscall ends minivmm with a line naming it).
+    #[arg(long, global = true, value_enum, default_value_t = SeccompMode::On)]
+    seccomp: SeccompMode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SeccompMode {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +130,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let fd_limit = raise_fd_limit();
+    if cli.seccomp == SeccompMode::On {
+        // Before any other thread exists, so that every thread inherits it.
+        if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Main) {
+            eprintln!("minivmm: {e}");
+            return ExitCode::FAILURE;
+        }
+        vmm::seccomp::set_enabled(true);
+    }
+    if let Err(e) = fd_limit {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -144,6 +167,40 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Raise the soft RLIMIT_NOFILE to the hard limit (every clone holds ~20
+/// fds; the common soft limit of 1024 would cap a process at ~50 clones).
+fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The current soft limit on open files.
+pub fn fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return u64::MAX;
+    }
+    lim.rlim_cur
+}
+
 /// The kernel to boot: a file, or the embedded test guest.
 pub fn kernel_image(path: Option<PathBuf>) -> KernelImage {
     match path {
@@ -156,6 +213,9 @@ pub fn kernel_image(path: Option<PathBuf>) -> KernelImage {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
+    // Blocked before any VM thread starts, so they all inherit the mask and a
+    // signal ends the VM through `stop` (its vsock socket removed).
+    let stop_signals = signals::block_stop_signals();
     let memory = match (args.memory_file, args.shared, args.private) {
         (None, _, _) => MemoryBackend::Anonymous,
         (Some(p), true, false) => {
@@ -166,7 +226,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         (Some(p), false, true) => MemoryBackend::PrivateFile(p),
         (Some(_), _, _) => bail!("--memory-file needs exactly one of --shared or --private"),
     };
-    let console: Box<dyn Write + Send> = if args.console == "stdout" {
+    let sink: Box<dyn Write + Send> = if args.console == "stdout" {
         Box::new(std::io::stdout())
     } else {
         Box::new(
@@ -174,8 +234,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 .with_context(|| format!("cannot create console file {}", args.console))?,
         )
     };
+    let id = vmm::vm::default_vm_id();
+    // A slow or stalled console must never block a vCPU.
+    let console = Box::new(
+        vmm::console::OffThreadWriter::new(&id, sink, vmm::console::OFF_THREAD_BUFFER)
+            .context("cannot start the console output thread")?,
+    );
     let mut vm = Vm::create(VmConfig {
-        id: vmm::vm::default_vm_id(),
+        id,
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
         memory,
@@ -189,8 +255,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         allow_pvm_native: !args.no_pvm_native,
     })?;
     vm.start()?;
-    let exit = vm.wait_exit(None).unwrap_or(GuestExit::Stopped);
+    let exit = signals::wait_exit_or_signal(&vm, &stop_signals);
     vm.stop();
+    // Dropping the VM drains the console thread (bounded) before we report.
+    drop(vm);
     let _ = std::io::stdout().flush();
     eprintln!("minivmm: {exit}");
     Ok(match exit {
