@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+pub use devices::virtio::vsock::ConnectionWatch;
 use devices::virtio::vsock::{Vsock, VsockState};
 use devices::virtio::{
     kernel_cmdline_arg, EventLoop, EventLoopHandle, MmioTransport, MmioTransportState, Rng,
@@ -267,16 +268,17 @@ impl VirtioDevices {
     /// Wait until the vsock device has no open connection, or `timeout`
     /// passes; returns how many are still open (0 without a vsock device).
     pub fn wait_vsock_idle(&self, timeout: std::time::Duration) -> usize {
-        match &self.vsock {
-            Some((_, dev)) => {
-                let watch = dev
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .connection_watch();
-                watch.wait_idle(timeout)
-            }
-            None => 0,
-        }
+        self.vsock_connection_watch()
+            .map_or(0, |w| w.wait_idle(timeout))
+    }
+
+    /// The vsock device's connection count, to wait on (None without vsock).
+    pub fn vsock_connection_watch(&self) -> Option<ConnectionWatch> {
+        self.vsock.as_ref().map(|(_, dev)| {
+            dev.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .connection_watch()
+        })
     }
 
     /// Save the devices' state; they must be quiet ([`pause`](Self::pause)),

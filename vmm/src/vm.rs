@@ -459,6 +459,11 @@ impl Vm {
         self.virtio.wait_vsock_idle(timeout)
     }
 
+    /// The vsock device's connection count, to wait on (None without vsock).
+    pub fn vsock_connection_watch(&self) -> Option<crate::virtio::ConnectionWatch> {
+        self.virtio.vsock_connection_watch()
+    }
+
     /// Resume after `pause`: devices first, so they are running by the time
     /// a vCPU notifies one.
     pub fn resume(&self) -> Result<(), VmError> {

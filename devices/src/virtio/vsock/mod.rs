@@ -118,10 +118,16 @@ impl ConnectionWatch {
     /// Wait until no connection is open, or `timeout` passes; returns the
     /// number still open (0: idle).
     pub fn wait_idle(&self, timeout: Duration) -> usize {
+        self.wait_until(|n| n == 0, timeout)
+    }
+
+    /// Wait until the number of open connections satisfies `pred`, or
+    /// `timeout` passes; returns the last number published.
+    pub fn wait_until(&self, pred: impl Fn(usize) -> bool, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
         let (lock, cond) = &*self.inner;
         let mut c = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while *c > 0 {
+        while !pred(*c) {
             let now = Instant::now();
             if now >= deadline {
                 break;
