@@ -729,7 +729,7 @@ impl Template {
     }
 
     /// Decodes the state bytes that were checked against the manifest.
-    pub fn read_state<T: DeserializeOwned>(&self) -> Result<T, TemplateError> {
+    pub fn read_state<T: Serialize + DeserializeOwned>(&self) -> Result<T, TemplateError> {
         Ok(state::decode_from(&self.state_bytes, &self.state_path())?)
     }
 }
