@@ -34,6 +34,10 @@ const PVM_MSR_RANGE: std::ops::RangeInclusive<u32> = 0x4b56_4d00..=0x4b56_4d13;
 const LEGACY_XSAVE_BYTES: usize = std::mem::size_of::<kvm_xsave>();
 /// 32-bit words in the legacy XSAVE region.
 const LEGACY_XSAVE_WORDS: usize = LEGACY_XSAVE_BYTES / 4;
+/// Most MSRs one KVM_GET_MSRS / KVM_SET_MSRS takes: KVM refuses
+/// `nmsrs >= MAX_IO_MSRS` (256) with E2BIG (arch/x86/kvm/x86.c, msr_io).
+const MSRS_PER_IOCTL: usize = 255;
+const _: () = assert!(MSRS_PER_IOCTL < KVM_MAX_MSR_ENTRIES);
 
 /// Everything needed to put one vCPU back exactly where it was.
 #[derive(Serialize, Deserialize)]
@@ -197,13 +201,13 @@ pub fn msrs_to_save(kvm: &Kvm) -> Result<Vec<u32>, StateError> {
 }
 
 /// Read the MSRs of `candidates` that KVM lets us read, at most
-/// KVM_MAX_MSR_ENTRIES per ioctl. KVM_GET_MSRS stops at the first MSR it
+/// [`MSRS_PER_IOCTL`] per ioctl. KVM_GET_MSRS stops at the first MSR it
 /// cannot read; that one is dropped and reading goes on after it.
 fn read_msrs(fd: &VcpuFd, id: usize, candidates: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
     let mut out = Vec::with_capacity(candidates.len());
     let mut rest: &[u32] = candidates;
     while !rest.is_empty() {
-        let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+        let chunk = &rest[..rest.len().min(MSRS_PER_IOCTL)];
         let entries: Vec<kvm_msr_entry> = chunk
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -367,14 +371,14 @@ pub fn restore_vcpu(
     Ok(())
 }
 
-/// Write saved MSRs back, at most KVM_MAX_MSR_ENTRIES per ioctl.
+/// Write saved MSRs back, at most [`MSRS_PER_IOCTL`] per ioctl.
 /// KVM_SET_MSRS stops at the first MSR it refuses; a refused MSR is accepted
 /// only if the fresh vCPU already holds the saved value (a read-only constant
 /// such as PVM's signature MSR), else it is an error naming the MSR.
 fn write_msrs(fd: &VcpuFd, id: usize, saved: &[kvm_msr_entry]) -> Result<(), StateError> {
     let mut rest = saved;
     while !rest.is_empty() {
-        let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+        let chunk = &rest[..rest.len().min(MSRS_PER_IOCTL)];
         let msrs = Msrs::from_entries(chunk)
             .map_err(|e| StateError::Mismatch(format!("vCPU {id}: bad MSR list: {e:?}")))?;
         let set = ioctl(format!("vCPU {id}: KVM_SET_MSRS"), fd.set_msrs(&msrs))?;
@@ -432,4 +436,109 @@ pub fn restore_vm(vm: &VmFd, s: &VmKvmState) -> Result<(), StateError> {
         )?;
     }
     ioctl("KVM_SET_PIT2", vm.set_pit2(&s.pit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM with an in-kernel irqchip and one vCPU with the host's CPUID.
+    fn vcpu() -> (Kvm, VmFd, VcpuFd) {
+        let kvm = Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+        let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
+        fd.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
+        (kvm, vm, fd)
+    }
+
+    #[test]
+    fn a_saved_vcpu_restores_into_a_fresh_one() {
+        let (kvm, vm, fd) = vcpu();
+        let ctx = VcpuStateContext::new(&kvm, &vm).unwrap();
+        let saved = save_vcpu(&fd, 0, &ctx).unwrap();
+        assert_eq!(saved.xsave.len() * 4, ctx.xsave_bytes.next_multiple_of(4));
+        let (_kvm2, vm2, fresh) = vcpu();
+        restore_vcpu(&fresh, 0, &saved, xsave_bytes(&vm2)).unwrap();
+        let again = save_vcpu(&fresh, 0, &ctx).unwrap();
+        assert_eq!(again.regs.rip, saved.regs.rip);
+        assert_eq!(
+            again.xsave[..LEGACY_XSAVE_WORDS],
+            saved.xsave[..LEGACY_XSAVE_WORDS]
+        );
+        assert_eq!(again.tsc_khz, saved.tsc_khz);
+    }
+
+    #[test]
+    fn xsave_sizes_from_a_file_are_checked_before_kvm_sees_them() {
+        let (kvm, vm, fd) = vcpu();
+        let ctx = VcpuStateContext::new(&kvm, &vm).unwrap();
+        let mut saved = save_vcpu(&fd, 0, &ctx).unwrap();
+        let full = saved.xsave.clone();
+        for words in [
+            0,
+            100,
+            LEGACY_XSAVE_WORDS - 1,
+            ctx.xsave_bytes / 4 + 1,
+            1 << 20,
+        ] {
+            saved.xsave = vec![0; words];
+            let err = restore_vcpu(&fd, 0, &saved, ctx.xsave_bytes).unwrap_err();
+            assert!(
+                matches!(err, StateError::XsaveSize { saved: s, .. } if s == words * 4),
+                "{words} words: {err}"
+            );
+            assert!(err.to_string().contains("KVM_CAP_XSAVE2"), "{err}");
+        }
+        // A legacy-sized area (a host with fewer XSAVE features) is padded.
+        saved.xsave = full[..LEGACY_XSAVE_WORDS].to_vec();
+        restore_vcpu(&fd, 0, &saved, ctx.xsave_bytes).unwrap();
+    }
+
+    #[test]
+    fn msr_lists_longer_than_one_ioctl_are_read_and_written_in_chunks() {
+        let (kvm, _vm, fd) = vcpu();
+        let list = msrs_to_save(&kvm).unwrap();
+        // The same MSRs several times over: more than KVM_MAX_MSR_ENTRIES.
+        let candidates: Vec<u32> = list
+            .iter()
+            .copied()
+            .cycle()
+            .take(3 * KVM_MAX_MSR_ENTRIES)
+            .collect();
+        let once = read_msrs(&fd, 0, &list).unwrap();
+        let many = read_msrs(&fd, 0, &candidates).unwrap();
+        assert!(many.len() > KVM_MAX_MSR_ENTRIES, "{} MSRs read", many.len());
+        // IA32_TSC (0x10) advances between reads; every other MSR holds still.
+        for m in many.iter().filter(|m| m.index != 0x10) {
+            let first = once.iter().find(|o| o.index == m.index);
+            assert_eq!(first.map(|o| o.data), Some(m.data), "MSR {:#x}", m.index);
+        }
+        write_msrs(&fd, 0, &many).unwrap();
+    }
+
+    #[test]
+    fn a_tsc_frequency_that_cannot_be_set_is_reported() {
+        let (_kvm, _vm, fd) = vcpu();
+        let Ok(khz) = fd.get_tsc_khz() else {
+            return;
+        };
+        // The same frequency needs no KVM_SET_TSC_KHZ at all.
+        restore_tsc_khz(&fd, 0, Some(khz)).unwrap();
+        match restore_tsc_khz(&fd, 0, Some(khz / 2)) {
+            Ok(()) => assert_eq!(fd.get_tsc_khz().unwrap(), khz / 2),
+            Err(e) => {
+                assert!(matches!(e, StateError::TscFrequency { .. }), "{e}");
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("{} kHz", khz / 2))
+                        && text.contains(&format!("{khz} kHz")),
+                    "{text}"
+                );
+            }
+        }
+    }
 }
