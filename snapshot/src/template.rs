@@ -46,9 +46,21 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// Mode of the committed memory file: read-only for everyone.
 pub const MEMORY_FILE_MODE: u32 = 0o444;
 
+/// Largest state file accepted (254 vCPUs of state are a few MiB).
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+
 const MEMORY_PARTIAL: &str = "memory.partial";
 const STATE_PARTIAL: &str = "state.partial";
 const MANIFEST_PARTIAL: &str = "manifest.partial";
+/// Every name a template directory may hold.
+const TEMPLATE_NAMES: [&str; 6] = [
+    MANIFEST_FILE,
+    MEMORY_FILE,
+    STATE_FILE,
+    MEMORY_PARTIAL,
+    STATE_PARTIAL,
+    MANIFEST_PARTIAL,
+];
 
 /// The kernel a guest was booted from, identified by its hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +241,14 @@ pub enum TemplateError {
         /// Parser's description of the problem.
         #[source]
         source: serde_json::Error,
+    },
+    /// A directory to remove holds something a template never does.
+    #[error("refusing to remove {}: it holds `{entry}`, which is not a template file", .dir.display())]
+    NotATemplate {
+        /// The directory.
+        dir: PathBuf,
+        /// The first foreign entry.
+        entry: String,
     },
     /// The manifest is larger than any real one.
     #[error("manifest {} is {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have", .path.display())]
@@ -758,7 +778,8 @@ pub fn validate_full(
 
 /// Removes a template: the manifest first, so a half-removed directory is
 /// never valid, then the memory file's immutable flag, then everything
-/// else. A missing directory is not an error.
+/// else. A missing directory is not an error; a directory holding anything
+/// but template files is refused untouched.
 pub fn remove(dir: impl AsRef<Path>) -> Result<(), TemplateError> {
     let dir = dir.as_ref();
     match fs::symlink_metadata(dir) {
@@ -770,6 +791,17 @@ pub fn remove(dir: impl AsRef<Path>) -> Result<(), TemplateError> {
             })
         }
         Ok(_) => {}
+    }
+    // Only ever a template: a mistyped --dir must not take a tree with it.
+    let entries = fs::read_dir(dir).map_err(|e| io_error("list", dir, e))?;
+    for entry in entries {
+        let name = entry.map_err(|e| io_error("list", dir, e))?.file_name();
+        if !TEMPLATE_NAMES.iter().any(|n| name == *n) {
+            return Err(TemplateError::NotATemplate {
+                dir: dir.to_owned(),
+                entry: name.to_string_lossy().into_owned(),
+            });
+        }
     }
     let manifest = dir.join(MANIFEST_FILE);
     durable::remove_if_present(&manifest).map_err(|e| io_error("remove", &manifest, e))?;
@@ -1017,6 +1049,13 @@ fn parse_manifest(
         value: value.to_string(),
         why,
     };
+    if manifest.state.size_bytes > MAX_STATE_BYTES {
+        return Err(bad(
+            "state.size_bytes",
+            &manifest.state.size_bytes,
+            format!("a state file is at most {MAX_STATE_BYTES} bytes"),
+        ));
+    }
     let config = &manifest.config;
     if config.vcpus == 0 {
         return Err(bad("vcpus", &0, "a VM has at least one vCPU".into()));

@@ -678,6 +678,44 @@ fn template_memory_is_refused_for_writing() {
     }
     fs::hard_link(dir.join("memory"), dir.join("ram")).unwrap();
     assert!(refuse_template_memory(&dir.join("ram")).is_err());
+    fs::remove_file(dir.join("ram")).unwrap();
+}
+
+#[test]
+fn remove_refuses_a_directory_that_is_not_a_template() {
+    let (_tmp, dir) = scratch();
+    build(&dir, &[0; 4096], 1);
+    fs::write(dir.join("notes.txt"), b"mine").unwrap();
+    let err = remove(&dir).unwrap_err();
+    assert!(
+        matches!(&err, TemplateError::NotATemplate { entry, .. } if entry == "notes.txt"),
+        "{err}"
+    );
+    // Untouched: still a valid template.
+    validate(&dir, SCHEMA, None).unwrap();
+    fs::remove_file(dir.join("notes.txt")).unwrap();
+    remove(&dir).unwrap();
+    assert!(!dir.exists());
+}
+
+#[test]
+fn an_absurd_state_size_is_refused_before_reading() {
+    let (_tmp, dir) = scratch();
+    build(&dir, &[0; 4096], 1);
+    edit_manifest(&dir, |m| {
+        m["state"]["size_bytes"] = (MAX_STATE_BYTES + 1).into()
+    });
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TemplateError::BadManifestValue {
+                field: "state.size_bytes",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
