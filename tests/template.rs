@@ -64,6 +64,7 @@ fn remove_stale_dirs() {
             // Templates' memory files are immutable: remove() unseals them.
             let _ = snapshot::template::remove(e.path());
             let _ = std::fs::remove_dir_all(e.path());
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
@@ -391,7 +392,8 @@ fn multi_vcpu_round_trip(vcpus: u32) {
     b.agent.check(&CheckRequest::default(), CALL).unwrap();
 
     // A clone pauses with every vCPU, saves (each vCPU's state read in
-    // KVM's order) and runs on after resume.
+    // KVM's order), runs on after resume, and its saved state restores into
+    // a new VM that answers.
     a.vm.pause().unwrap();
     let saved = a.vm.save().unwrap();
     assert_eq!(saved.vcpus.len(), vcpus as usize);
@@ -399,8 +401,37 @@ fn multi_vcpu_round_trip(vcpus: u32) {
         assert_eq!(v.xsave.len(), t.xsave.len(), "vCPU {i}: XSAVE size changed");
         assert_eq!(v.tsc_khz, t.tsc_khz, "vCPU {i}: TSC frequency changed");
     }
+    // Its RAM as it was at the save (a copy of its private view), so the
+    // saved state can be restored over the memory it belongs to.
+    let ram_file = PathBuf::from(format!(
+        "/dev/shm/minivmm-e2e-resave{vcpus}-{}",
+        std::process::id()
+    ));
+    let mut ram = vec![0u8; a.vm.ram().size() as usize];
+    a.vm.memory().read_slice(&mut ram, GuestAddress(0)).unwrap();
+    std::fs::write(&ram_file, &ram).unwrap();
+    drop(ram);
     a.vm.resume().unwrap();
     a.agent.check(&CheckRequest::default(), CALL).unwrap();
+
+    let socket = factory::template::temp_socket_path("resaved");
+    let mut c = vmm::Vm::restore(
+        vmm::vm::RestoreConfig {
+            id: "resaved".into(),
+            memory: vmm::MemoryBackend::PrivateFile(ram_file.clone()),
+            console: Box::new(std::io::sink()),
+            vsock: Some(socket.clone()),
+        },
+        &saved,
+    )
+    .unwrap();
+    c.start().unwrap();
+    let mut agent = AgentClient::connect_hybrid_vsock(&socket, AGENT_VSOCK_PORT, CALL).unwrap();
+    agent.check(&CheckRequest::default(), CALL).unwrap();
+    c.stop();
+    drop(c);
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&ram_file);
     b.agent.check(&CheckRequest::default(), CALL).unwrap();
 }
 
