@@ -15,6 +15,8 @@ mod muxer;
 pub mod packet;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
 use std::io::{Read, Write};
