@@ -98,6 +98,7 @@ impl TemplateHandle {
     fn from_template(template: Template) -> Result<Self, FactoryError> {
         let state: VmState = template.read_state()?;
         check_state_matches_manifest(&template, &state)?;
+        template.check_manifest_digest()?;
         if !template.memory_sealed() {
             tracing::warn!(
                 template = %template.dir().display(),

@@ -193,6 +193,22 @@ pub struct Manifest {
     /// Free-form notes from whoever built the template.
     #[serde(default)]
     pub notes: String,
+    /// Lower-case hex SHA-256 of this manifest's compact JSON with `digest`
+    /// empty: a flipped bit in any field (cmdline, kernel hash...) is caught.
+    #[serde(default)]
+    pub digest: String,
+}
+
+impl Manifest {
+    /// The digest this manifest's fields give (see [`Manifest::digest`]).
+    pub fn compute_digest(&self) -> String {
+        let unsigned = Manifest {
+            digest: String::new(),
+            ..self.clone()
+        };
+        // Serializing a plain struct of strings and integers cannot fail.
+        durable::sha256_hex(&serde_json::to_vec(&unsigned).unwrap_or_default())
+    }
 }
 
 /// Why a template could not be created, opened or trusted.
@@ -241,6 +257,16 @@ pub enum TemplateError {
         /// Parser's description of the problem.
         #[source]
         source: serde_json::Error,
+    },
+    /// The manifest's fields do not give the digest it records.
+    #[error("manifest {} was changed or corrupted after commit: it records digest {recorded}, its fields give {actual}", .path.display())]
+    ManifestDigest {
+        /// Manifest file.
+        path: PathBuf,
+        /// Digest in the manifest.
+        recorded: String,
+        /// Digest of its fields.
+        actual: String,
     },
     /// A directory to remove holds something a template never does.
     #[error("refusing to remove {}: it holds `{entry}`, which is not a template file", .dir.display())]
@@ -556,6 +582,7 @@ impl TemplateWriter {
             },
             memory_sha256,
             notes: notes.to_owned(),
+            digest: String::new(),
         };
         if last == CommitStep::SyncMemory {
             return Ok(manifest);
@@ -576,6 +603,7 @@ impl TemplateWriter {
         }
 
         let manifest_partial = dir.join(MANIFEST_PARTIAL);
+        manifest.digest = manifest.compute_digest();
         let mut json =
             serde_json::to_vec_pretty(&manifest).map_err(|source| TemplateError::ManifestJson {
                 path: manifest_partial.clone(),
@@ -743,6 +771,22 @@ impl Template {
                 path,
                 before: self.memory_identity,
                 now,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the manifest's own digest. Kept apart from [`validate`] so a
+    /// caller can first cross-check the fields it can verify (vCPUs, memory,
+    /// devices against the decoded state) and name the field at fault; any
+    /// other change of the manifest is caught here.
+    pub fn check_manifest_digest(&self) -> Result<(), TemplateError> {
+        let actual = self.manifest.compute_digest();
+        if actual != self.manifest.digest {
+            return Err(TemplateError::ManifestDigest {
+                path: self.dir.join(MANIFEST_FILE),
+                recorded: self.manifest.digest.clone(),
+                actual,
             });
         }
         Ok(())

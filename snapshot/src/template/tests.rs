@@ -682,6 +682,35 @@ fn template_memory_is_refused_for_writing() {
 }
 
 #[test]
+fn the_manifest_digest_catches_a_change_of_any_field() {
+    let (_tmp, dir) = scratch();
+    let manifest = build(&dir, &[0; 4096], 1);
+    assert_eq!(manifest.digest, manifest.compute_digest());
+    assert_eq!(manifest.digest.len(), 64);
+    validate(&dir, SCHEMA, None)
+        .unwrap()
+        .check_manifest_digest()
+        .unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [Edit; 4] = [
+        |m| m["config"]["cmdline"] = "console=ttyS0 quieu".into(),
+        |m| m["config"]["kernel"]["sha256"] = format!("{}aa", "ab".repeat(31)).into(),
+        |m| m["notes"] = "built by a tesu".into(),
+        |m| m["digest"] = "00".repeat(32).into(),
+    ];
+    let original = fs::read(dir.join("manifest")).unwrap();
+    for edit in edits {
+        fs::write(dir.join("manifest"), &original).unwrap();
+        edit_manifest(&dir, edit);
+        // The files still match, so validation passes; the digest does not.
+        let template = validate(&dir, SCHEMA, None).unwrap();
+        let err = template.check_manifest_digest().unwrap_err();
+        assert!(matches!(err, TemplateError::ManifestDigest { .. }), "{err}");
+        assert_names(&err, &dir.join("manifest"));
+    }
+}
+
+#[test]
 fn remove_refuses_a_directory_that_is_not_a_template() {
     let (_tmp, dir) = scratch();
     build(&dir, &[0; 4096], 1);
