@@ -252,7 +252,7 @@ impl Vsock {
                 Err(e) => tracing::debug!(vm = %self.vm_id, "vsock: bad tx chain {head}: {e}"),
             }
             if let Err(e) = queue.add_used(&active.mem, head, 0) {
-                tracing::warn!(vm = %self.vm_id, "vsock: tx used ring: {e}");
+                crate::warn_limited!(vm = %self.vm_id, "vsock: tx used ring: {e}");
                 break;
             }
             used += 1;
@@ -290,7 +290,7 @@ impl Vsock {
                         tracing::debug!(vm = %self.vm_id, "vsock: bad rx chain {head}: {e}");
                     }
                     if let Err(e) = queue.add_used(&active.mem, head, 0) {
-                        tracing::warn!(vm = %self.vm_id, "vsock: rx used ring: {e}");
+                        crate::warn_limited!(vm = %self.vm_id, "vsock: rx used ring: {e}");
                         break;
                     }
                     used += 1;
@@ -306,10 +306,10 @@ impl Vsock {
                 .write_all(&hdr.to_bytes())
                 .and_then(|()| writer.write_all(&self.buf[..len]));
             if let Err(e) = written {
-                tracing::warn!(vm = %self.vm_id, "vsock: writing an rx packet: {e}");
+                crate::warn_limited!(vm = %self.vm_id, "vsock: writing an rx packet: {e}");
             }
             if let Err(e) = queue.add_used(&active.mem, head, writer.bytes_written() as u32) {
-                tracing::warn!(vm = %self.vm_id, "vsock: rx used ring: {e}");
+                crate::warn_limited!(vm = %self.vm_id, "vsock: rx used ring: {e}");
                 break;
             }
             used += 1;
@@ -346,7 +346,7 @@ impl Vsock {
             };
             let len = if delivered { 4 } else { 0 };
             if let Err(e) = queue.add_used(&active.mem, head, len) {
-                tracing::warn!(vm = %self.vm_id, "vsock: event used ring: {e}");
+                crate::warn_limited!(vm = %self.vm_id, "vsock: event used ring: {e}");
                 break;
             }
             used += 1;

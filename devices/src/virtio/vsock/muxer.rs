@@ -185,7 +185,7 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.conns.len() >= MAX_CONNECTIONS {
-                        tracing::warn!(vm = %self.vm_id, "vsock: {MAX_CONNECTIONS} connections open; refusing a host client");
+                        crate::warn_limited!(vm = %self.vm_id, "vsock: {MAX_CONNECTIONS} connections open; refusing a host client");
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
@@ -315,7 +315,7 @@ impl Muxer {
         by_age.sort_by_key(|&(t, at)| (at, t));
         let excess = by_age.len() + 1 - MAX_HOST_CONNECTIONS;
         for &(token, _) in by_age.iter().take(excess) {
-            tracing::warn!(vm = %self.vm_id, "vsock: {MAX_HOST_CONNECTIONS} host connections open; resetting the idlest");
+            crate::warn_limited!(vm = %self.vm_id, "vsock: {MAX_HOST_CONNECTIONS} host connections open; resetting the idlest");
             self.reset(token);
         }
     }
@@ -347,7 +347,7 @@ impl Muxer {
     /// The guest asked to connect to host port `hdr.dst_port`.
     fn guest_connect(&mut self, hdr: &PacketHeader) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!(vm = %self.vm_id, "vsock: {MAX_CONNECTIONS} connections open; refusing the guest");
+            crate::warn_limited!(vm = %self.vm_id, "vsock: {MAX_CONNECTIONS} connections open; refusing the guest");
             self.reject_packet(hdr);
             return;
         }
