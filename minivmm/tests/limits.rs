@@ -361,3 +361,30 @@ fn a_killed_template_create_leaves_no_socket_for_long() {
     drop(t);
     let _ = minivmm(&["template", "rm", "--dir", &dir]);
 }
+
+#[test]
+fn a_failed_bench_clone_removes_its_temporary_template() {
+    // Refused after the temporary template directory was made (the size
+    // is checked when the template is built).
+    let child = Command::new(BIN)
+        .args([
+            "bench",
+            "clone",
+            "--count",
+            "1",
+            "--cold-boots",
+            "1",
+            "--mem-mib",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn minivmm");
+    let dir = PathBuf::from(format!("/dev/shm/minivmm-bench-{}", child.id()));
+    let out = wait_output(child);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("building a temporary template"), "{stderr}");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
