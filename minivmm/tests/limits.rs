@@ -388,3 +388,45 @@ fn a_failed_bench_clone_removes_its_temporary_template() {
     assert!(stderr.contains("building a temporary template"), "{stderr}");
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
+
+#[test]
+fn a_failed_clone_in_keep_leaves_the_others_running() {
+    let t = TestTemplate::create("keep-partial");
+    let vsock_dir = temp_path("partial-sockets");
+    std::fs::create_dir_all(&vsock_dir).unwrap();
+    // Clone 1's socket path is taken by a live listener (this test's).
+    let taken = vsock_dir.join("clone-1.vsock");
+    let _listener = std::os::unix::net::UnixListener::bind(&taken).unwrap();
+    let dir = vsock_dir.to_str().unwrap();
+    let mut keep = Running::start(
+        &[],
+        &[
+            "clone",
+            "--template",
+            t.dir(),
+            "--count",
+            "3",
+            "--keep",
+            "--vsock-dir",
+            dir,
+        ],
+        false,
+    );
+    let failed = keep
+        .wait_line(&["clone 1 failed"])
+        .expect("clone 1 reported");
+    assert!(failed.contains("another process is listening"), "{failed}");
+    keep.wait_line(&["2 clone(s) running"])
+        .expect("the other clones run");
+    for name in ["clone-0.vsock", "clone-2.vsock"] {
+        let sock = vsock_dir.join(name);
+        let out = minivmm(&["agent", "--vsock", sock.to_str().unwrap(), "check"]);
+        assert!(out.status.success(), "{name}: {out:?}");
+    }
+    // Stopped by a signal: exit 1 (one clone failed), its own sockets gone,
+    // the listener's socket left alone.
+    assert_eq!(keep.stop(libc::SIGTERM).code(), Some(1));
+    assert_eq!(entries(&vsock_dir), vec!["clone-1.vsock"]);
+    std::fs::remove_file(&taken).unwrap();
+    std::fs::remove_dir(&vsock_dir).unwrap();
+}
