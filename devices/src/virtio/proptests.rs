@@ -158,7 +158,7 @@ fn registers_never_break_the_device(ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 /// All of the test guest's RAM, borrowed while no device thread runs.
-fn ram(g: &TestGuest) -> &[u8] {
+pub(crate) fn ram(g: &TestGuest) -> &[u8] {
     let host = g.mem.get_host_address(GuestAddress(0)).unwrap();
     // SAFETY: test_utils maps one region of MEM_SIZE bytes at guest address
     // 0, alive as long as `g`; no event loop runs (`without_loop`), so only
@@ -168,7 +168,7 @@ fn ram(g: &TestGuest) -> &[u8] {
 
 /// The bytes of guest RAM that differ between `before` and now, as ranges
 /// (compared page by page first: byte by byte only where a page changed).
-fn changed_ranges(g: &TestGuest, before: &[u8]) -> Vec<(u64, u64)> {
+pub(crate) fn changed_ranges(g: &TestGuest, before: &[u8]) -> Vec<(u64, u64)> {
     const PAGE: usize = 4096;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for (page, (a, b)) in ram(g).chunks(PAGE).zip(before.chunks(PAGE)).enumerate() {
