@@ -4,6 +4,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod ratelimit;
 pub mod serial;
 pub mod virtio;
 

@@ -128,7 +128,7 @@ impl<W: Write + Send> BusDevice for Serial<W> {
         if let (Ok(off), [byte]) = (u8::try_from(offset), data) {
             if u64::from(off) < SERIAL_PORT_COUNT {
                 if let Err(e) = self.uart.write(off, *byte) {
-                    tracing::warn!("serial write failed: {e:?}");
+                    crate::warn_limited!("serial write failed: {e:?}");
                 }
             }
         }

@@ -11,7 +11,8 @@ use agent_protocol::{
 };
 use snapshot::{GuestConfig, Template};
 use vmm::console::ConsoleLines;
-use vmm::state::VmState;
+use vmm::memory::OpenMemoryFile;
+use vmm::state::{VmState, STATE_SCHEMA};
 use vmm::vm::RestoreConfig;
 use vmm::{MemoryBackend, Vm};
 
@@ -23,10 +24,14 @@ use crate::{FactoryError, AGENT_CALL_DEADLINE};
 /// Bytes of host entropy every clone gets before it is handed out.
 pub const RESEED_BYTES: usize = 64;
 
-/// A validated template with its state decoded once, ready to clone from.
+/// A validated template with its state decoded once and its memory file
+/// held open, ready to clone from. Clones map that open file, never the
+/// path: a template rebuilt in the same directory later does not change
+/// what this handle's clones get (its own memory with its own state).
 pub struct TemplateHandle {
     template: Template,
     state: VmState,
+    memory: OpenMemoryFile,
 }
 
 /// Per-clone options.
@@ -67,19 +72,58 @@ pub struct ClonedVm {
 }
 
 impl Drop for ClonedVm {
+    /// Stops the VM; its vsock device removes its own socket (and only its
+    /// own) when the VM is dropped right after.
     fn drop(&mut self) {
         self.vm.stop();
-        let _ = std::fs::remove_file(&self.vsock);
     }
 }
 
 impl TemplateHandle {
     /// Validate the template in `dir` (against `expected`, if given: the
-    /// first differing field is reported) and decode its state.
+    /// first differing field is reported), decode its state and check it
+    /// against the manifest.
     pub fn open(dir: &Path, expected: Option<&GuestConfig>) -> Result<Self, FactoryError> {
-        let template = snapshot::template::validate(dir, expected)?;
+        Self::from_template(snapshot::template::validate(dir, STATE_SCHEMA, expected)?)
+    }
+
+    /// [`open`](Self::open) without a config to match, and with the memory
+    /// file's SHA-256 verified too if `full` (what `template check` does).
+    pub fn check(dir: &Path, full: bool) -> Result<Self, FactoryError> {
+        let template = if full {
+            snapshot::template::validate_full(dir, STATE_SCHEMA, None)?
+        } else {
+            snapshot::template::validate(dir, STATE_SCHEMA, None)?
+        };
+        Self::from_template(template)
+    }
+
+    fn from_template(template: Template) -> Result<Self, FactoryError> {
         let state: VmState = template.read_state()?;
-        Ok(TemplateHandle { template, state })
+        check_state_matches_manifest(&template, &state)?;
+        template.check_manifest_digest()?;
+        if !template.memory_sealed() {
+            tracing::warn!(
+                template = %template.dir().display(),
+                "template memory file is not immutable (a copy, or its flag was cleared): nothing stops it being changed under running clones"
+            );
+        }
+        let memory = OpenMemoryFile::new(template.memory_file().clone(), template.memory_path());
+        Ok(TemplateHandle {
+            template,
+            state,
+            memory,
+        })
+    }
+
+    /// The decoded state.
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+
+    /// The open memory file clones map.
+    pub fn memory(&self) -> &OpenMemoryFile {
+        &self.memory
     }
 
     /// The template on disk.
@@ -90,13 +134,15 @@ impl TemplateHandle {
     /// Restore, resume and ready a clone.
     pub fn clone_vm(&self, opts: CloneOptions) -> Result<ClonedVm, FactoryError> {
         let t0 = Instant::now();
+        self.template.check_memory_unchanged()?;
+        // A live socket at the path (another run's clone) is refused, never
+        // unlinked; a stale one is replaced.
         let vsock = opts.vsock.unwrap_or_else(|| temp_socket_path("clone"));
-        let _ = std::fs::remove_file(&vsock);
         let console = ConsoleLines::new();
         let mut vm = Vm::restore(
             RestoreConfig {
                 id: opts.id.unwrap_or_else(vmm::vm::default_vm_id),
-                memory: MemoryBackend::PrivateFile(self.template.memory_path()),
+                memory: MemoryBackend::PrivateFd(self.memory.clone()),
                 console: Box::new(console.tap(Box::new(std::io::sink()))),
                 vsock: Some(vsock.clone()),
                 fs: opts.fs,
@@ -109,8 +155,8 @@ impl TemplateHandle {
         let agent = match ready(&vsock) {
             Ok(agent) => agent,
             Err(e) => {
+                // Dropping the VM stops it and removes its socket.
                 vm.stop();
-                let _ = std::fs::remove_file(&vsock);
                 return Err(e);
             }
         };
@@ -127,6 +173,55 @@ impl TemplateHandle {
             },
         })
     }
+}
+
+/// The manifest vouches for the files; the state is what a clone becomes.
+/// They must agree on the machine, or a bit flip or an edit of the manifest
+/// would describe a VM the state is not (the state is checked, the manifest
+/// is only JSON).
+pub fn check_state_matches_manifest(
+    template: &Template,
+    state: &VmState,
+) -> Result<(), FactoryError> {
+    let manifest = template.manifest();
+    let mismatch = |field: &'static str, in_manifest: String, in_state: String| {
+        Err(FactoryError::StateMismatch {
+            dir: template.dir().to_path_buf(),
+            field,
+            manifest: in_manifest,
+            state: in_state,
+        })
+    };
+    if u64::from(manifest.config.vcpus) != state.vcpus.len() as u64 {
+        return mismatch(
+            "vcpus",
+            manifest.config.vcpus.to_string(),
+            state.vcpus.len().to_string(),
+        );
+    }
+    if manifest.config.mem_mib != state.mem_mib {
+        return mismatch(
+            "mem_mib",
+            manifest.config.mem_mib.to_string(),
+            state.mem_mib.to_string(),
+        );
+    }
+    if state.mem_mib.checked_mul(1 << 20) != Some(manifest.memory.size_bytes) {
+        return mismatch(
+            "memory.size_bytes",
+            manifest.memory.size_bytes.to_string(),
+            format!("{} MiB of RAM", state.mem_mib),
+        );
+    }
+    let devices = state.virtio.device_names();
+    if manifest.config.devices != devices {
+        return mismatch(
+            "devices",
+            manifest.config.devices.join(","),
+            devices.join(","),
+        );
+    }
+    Ok(())
 }
 
 /// The host's wall clock as a SetGuestDateTime request.

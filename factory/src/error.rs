@@ -44,6 +44,18 @@ pub enum FactoryError {
         /// The last console line.
         last_line: Option<String>,
     },
+    /// The guest did not reach a step in time.
+    #[error("the guest did not {step} within {secs} s (guest exit: {exit}; last console line: {last_line:?})")]
+    GuestTimeout {
+        /// What we waited for.
+        step: &'static str,
+        /// The deadline.
+        secs: u64,
+        /// How the VM ended, if it did.
+        exit: String,
+        /// The last console line.
+        last_line: Option<String>,
+    },
     /// The guest ended before its agent answered.
     #[error(
         "the guest ended ({exit}) before its agent answered (last console line: {last_line:?})"
@@ -53,6 +65,18 @@ pub enum FactoryError {
         exit: String,
         /// The last console line.
         last_line: Option<String>,
+    },
+    /// A template's manifest and its decoded state describe different VMs.
+    #[error("template {}: the manifest says {field} = {manifest} but its state has {state}", .dir.display())]
+    StateMismatch {
+        /// Template directory.
+        dir: PathBuf,
+        /// Manifest field at odds with the state (`vcpus`, `mem_mib`, `memory.size_bytes`, `devices`).
+        field: &'static str,
+        /// The manifest's value.
+        manifest: String,
+        /// What the state has.
+        state: String,
     },
     /// The kernel image could not be read.
     #[error(transparent)]

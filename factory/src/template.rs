@@ -50,13 +50,53 @@ impl Default for CreateOptions<'_> {
 
 static NEXT_SOCKET: AtomicU64 = AtomicU64::new(0);
 
-/// A process-unique path for a temporary vsock socket.
+/// A process-unique path for a temporary vsock socket. The first call of a
+/// process also removes such sockets left by minivmm processes that are
+/// gone (killed before they could clean up).
 pub fn temp_socket_path(purpose: &str) -> PathBuf {
+    static CLEANED: std::sync::Once = std::sync::Once::new();
+    CLEANED.call_once(remove_stale_temp_sockets);
     std::env::temp_dir().join(format!(
         "minivmm-{purpose}-{}-{}.vsock",
         std::process::id(),
         NEXT_SOCKET.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+/// Remove `minivmm-<purpose>-<pid>-<n>.vsock` sockets (and their `_<port>`
+/// siblings) in the temporary directory whose process no longer exists.
+fn remove_stale_temp_sockets() {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_socket_owner) else {
+            continue;
+        };
+        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if is_socket && gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The pid in a name made by [`temp_socket_path`] (`minivmm-P-PID-N.vsock[_PORT]`).
+fn temp_socket_owner(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix("minivmm-")?;
+    let stem = rest.split(".vsock").next()?;
+    if !rest[stem.len()..].starts_with(".vsock") {
+        return None;
+    }
+    let mut parts = stem.rsplitn(3, '-');
+    let _n: u64 = parts.next()?.parse().ok()?;
+    let pid: i32 = parts.next()?.parse().ok()?;
+    parts.next()?;
+    (pid > 0).then_some(pid)
 }
 
 /// Longest wait between two attempts to reach a booting guest's agent.
@@ -149,8 +189,17 @@ pub fn create_template(
         }
     };
     writer.write_state(&state)?;
+    // The manifest lists the devices the saved state has, not what was asked for.
+    let config = snapshot::GuestConfig {
+        devices: state.virtio.device_names(),
+        ..config
+    };
     progress("committing the template");
-    Ok(writer.commit(&config, "built by minivmm template create")?)
+    Ok(writer.commit(
+        &config,
+        vmm::state::STATE_SCHEMA,
+        "built by minivmm template create",
+    )?)
 }
 
 /// Boot `spec` with its RAM in `memory` (MAP_SHARED), wait for its agent,
@@ -163,8 +212,9 @@ fn boot_and_save(
 ) -> Result<vmm::state::VmState, FactoryError> {
     let progress = opts.progress;
     progress("booting the template VM");
+    // A stale socket there is replaced and a live one refused by the device;
+    // it removes its own socket when the VM is dropped.
     let socket = temp_socket_path("template");
-    let _ = std::fs::remove_file(&socket);
     let console = ConsoleLines::new();
     let mut vm = Vm::create(VmConfig {
         id: format!("template-{}", dir.display()),
@@ -189,12 +239,42 @@ fn boot_and_save(
         progress("quiescing the agent for the snapshot");
         agent.quiesce_for_snapshot(&QuiesceForSnapshotRequest::default(), AGENT_CALL_DEADLINE)?;
         drop(agent);
+        // The guest closes its side as it quiesces: save only once every
+        // connection is gone, so none is half-open in the snapshot.
+        let open = vm.wait_vsock_idle(AGENT_CALL_DEADLINE);
+        if open > 0 {
+            return Err(FactoryError::GuestTimeout {
+                step: "close its vsock connections after quiescing",
+                secs: AGENT_CALL_DEADLINE.as_secs(),
+                exit: format!("{open} connection(s) still open"),
+                last_line: console.lines().last().cloned(),
+            });
+        }
         progress("pausing and saving the VM state");
         vm.pause()?;
         Ok::<_, FactoryError>(vm.save()?)
     })();
     vm.stop();
     drop(vm);
-    let _ = std::fs::remove_file(&socket);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_socket_names_give_their_owner() {
+        assert_eq!(temp_socket_owner("minivmm-template-123-0.vsock"), Some(123));
+        assert_eq!(
+            temp_socket_owner("minivmm-clone-77-12.vsock_1024"),
+            Some(77)
+        );
+        assert_eq!(temp_socket_owner("minivmm-e2e-5-x"), None);
+        assert_eq!(temp_socket_owner("minivmm-template-abc-0.vsock"), None);
+        assert_eq!(temp_socket_owner("other-template-1-0.vsock"), None);
+        let p = temp_socket_path("unit");
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert_eq!(temp_socket_owner(name), Some(std::process::id() as i32));
+    }
 }

@@ -278,11 +278,13 @@ fn bench_clone(
         bail!("--count and --cold-boots must be at least 1");
     }
     let spec = factory::GuestSpec::testguest(1, mem_mib);
-    let owned = template.is_none();
+    // A template we build is ours: removed on every way out, errors included.
+    let mut owned = None;
     let dir = match template {
         Some(d) => d,
         None => {
             let dir = PathBuf::from(format!("/dev/shm/minivmm-bench-{}", std::process::id()));
+            owned = Some(TemporaryTemplate(dir.clone()));
             if !json {
                 eprintln!("building a temporary template in {}", dir.display());
             }
@@ -381,11 +383,21 @@ fn bench_clone(
         );
     }
     println!("{}", serde_json::to_string(&report)?);
-    if owned {
-        let _ = snapshot::template::remove(&dir);
-        let _ = std::fs::remove_dir(&dir);
-    }
+    drop(handle);
+    drop(owned);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A template directory this process built for itself; removed when dropped.
+struct TemporaryTemplate(PathBuf);
+
+impl Drop for TemporaryTemplate {
+    fn drop(&mut self) {
+        // remove() also clears the memory file's immutable flag; whatever a
+        // failed build left (no manifest) goes with the directory.
+        let _ = snapshot::template::remove(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[derive(Serialize)]

@@ -6,11 +6,13 @@ mod bench;
 mod bench_fs;
 mod image_cmd;
 mod share;
+mod signals;
 mod template_cmd;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -31,6 +33,16 @@ const EXIT_CRASHED: u8 = 4;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// seccomp filters on every thread ("off" only for debugging: a
+    /// forbidden syscall ends minivmm with a line naming it).
+    #[arg(long, global = true, value_enum, default_value_t = SeccompMode::On)]
+    seccomp: SeccompMode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SeccompMode {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -134,12 +146,56 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let fd_limit = raise_fd_limit();
+    match (cli.seccomp, confinement(&cli.command)) {
+        (SeccompMode::On, Confinement::AtStart) => {
+            // Before any other thread exists, so that every thread inherits it.
+            if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Main) {
+                eprintln!("minivmm: {e}");
+                return ExitCode::FAILURE;
+            }
+            vmm::seccomp::set_enabled(true);
+        }
+        (SeccompMode::On, Confinement::AfterDaemons) => {
+            SECCOMP_AFTER_DAEMONS.store(true, Ordering::Relaxed)
+        }
+        (SeccompMode::On, Confinement::None) => {
+            tracing::debug!("this command runs other programs: no seccomp filter");
+        }
+        (SeccompMode::Off, _) => {}
+    }
+    if let Err(e) = fd_limit {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("minivmm: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// When a command confines itself with seccomp.
+enum Confinement {
+    /// Before any thread starts: every thread inherits the main filter.
+    AtStart,
+    /// After its virtiofsd daemons are spawned (a filter inherited by them
+    /// would kill them), on every thread at once.
+    AfterDaemons,
+    /// Never: the command runs other programs throughout (apt-get and
+    /// dpkg-deb for `image`, a virtiofsd per clone for `bench fs`).
+    None,
+}
+
+/// Set when `run` must install the main filter once its daemons run.
+static SECCOMP_AFTER_DAEMONS: AtomicBool = AtomicBool::new(false);
+
+fn confinement(command: &Command) -> Confinement {
+    match command {
+        Command::Image(_) | Command::Bench(bench::BenchCommand::Fs { .. }) => Confinement::None,
+        Command::Run(args) if !args.share.is_empty() => Confinement::AfterDaemons,
+        _ => Confinement::AtStart,
     }
 }
 
@@ -158,6 +214,40 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Image(cmd) => image_cmd::run(cmd),
     }
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit (every clone holds ~20
+/// fds; the common soft limit of 1024 would cap a process at ~50 clones).
+fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The current soft limit on open files.
+pub fn fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return u64::MAX;
+    }
+    lim.rlim_cur
 }
 
 /// The kernel to boot: a file, or the embedded test guest.
@@ -208,15 +298,22 @@ impl ConsoleFile {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
+    // Blocked before any VM thread starts, so they all inherit the mask and a
+    // signal ends the VM through `stop` (its vsock socket removed).
+    let stop_signals = signals::block_stop_signals();
     let memory = match (args.memory_file, args.shared, args.private) {
         (None, _, _) => MemoryBackend::Anonymous,
-        (Some(p), true, false) => MemoryBackend::SharedFile(p),
+        (Some(p), true, false) => {
+            // Guest writes would land in the file: never in a template's memory.
+            snapshot::template::refuse_template_memory(&p)?;
+            MemoryBackend::SharedFile(p)
+        }
         (Some(p), false, true) => MemoryBackend::PrivateFile(p),
         (Some(_), _, _) => bail!("--memory-file needs exactly one of --shared or --private"),
     };
     let kernel = kernel_image(args.kernel);
     let cmdline = cmdline_for(&kernel, args.cmdline)?;
-    let (console, console_file): (Box<dyn Write + Send>, _) = if args.console == "stdout" {
+    let (sink, console_file): (Box<dyn Write + Send>, _) = if args.console == "stdout" {
         (Box::new(std::io::stdout()), None)
     } else {
         let (f, file) = ConsoleFile::create(&args.console)?;
@@ -232,6 +329,28 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             return Err(e);
         }
     };
+    if SECCOMP_AFTER_DAEMONS.load(Ordering::Relaxed) {
+        if let Err(e) = vmm::seccomp::install_all_threads(vmm::seccomp::ThreadKind::Main) {
+            if let Some(f) = console_file {
+                f.discard();
+            }
+            return Err(e.into());
+        }
+        vmm::seccomp::set_enabled(true);
+    }
+    // A slow or stalled console must never block a vCPU.
+    let console =
+        match vmm::console::OffThreadWriter::new(&id, sink, vmm::console::OFF_THREAD_BUFFER) {
+            Ok(w) => Box::new(w),
+            Err(e) => {
+                if let Some(f) = console_file {
+                    f.discard();
+                }
+                return Err(
+                    anyhow::Error::from(e).context("cannot start the console output thread")
+                );
+            }
+        };
     let created = Vm::create(VmConfig {
         id,
         vcpus: args.vcpus,
@@ -269,12 +388,13 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         }
         failure
     });
-    let exit = vm.wait_exit(None).unwrap_or(GuestExit::Stopped);
+    let exit = signals::wait_exit_or_signal(&vm, &stop_signals);
     // Each virtiofsd ends by itself once the VM disconnects: expected now.
     for (_, d) in &daemons {
         d.expect_exit();
     }
     vm.stop();
+    // Dropping the VM drains the console thread (bounded) before we report.
     drop(vm);
     // Stopping the daemons closes the channel, which ends the watcher.
     drop(daemons);

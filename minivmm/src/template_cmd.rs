@@ -24,7 +24,8 @@ pub enum TemplateCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a template (manifest first, so a half-removed one is never valid).
+    /// Remove a template (manifest first, so a half-removed one is never
+    /// valid; the memory file's immutable flag is cleared first).
     Rm {
         /// Template directory.
         #[arg(long)]
@@ -130,22 +131,26 @@ pub fn template(cmd: TemplateCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TemplateCommand::Check { dir, full, json } => {
-            let t = if full {
-                snapshot::template::validate_full(&dir, None)?
-            } else {
-                snapshot::template::validate(&dir, None)?
-            };
+            // Validates the files, decodes the state and checks it against the manifest.
+            let handle = TemplateHandle::check(&dir, full)?;
+            let t = handle.template();
             if json {
                 println!("{}", serde_json::to_string_pretty(t.manifest())?);
             } else {
                 let m = t.manifest();
                 println!(
-                    "template {} is valid: {} vCPU(s), {} MiB, kernel {}, state {} bytes{}",
+                    "template {} is valid: {} vCPU(s), {} MiB, devices {}, kernel {}, state {} bytes, memory {}{}",
                     dir.display(),
-                    m.config.vcpus,
-                    m.config.mem_mib,
+                    handle.state().vcpus.len(),
+                    handle.state().mem_mib,
+                    m.config.devices.join(","),
                     m.config.kernel.path,
                     m.state.size_bytes,
+                    match (t.memory_sealed(), m.memory.immutable) {
+                        (true, _) => "immutable",
+                        (false, true) => "NOT immutable (sealed at commit, since copied or unsealed)",
+                        (false, false) => "read-only (the filesystem took no immutable flag)",
+                    },
                     match (full, &m.memory_sha256) {
                         (true, Some(_)) => ", memory checksum verified",
                         (true, None) => ", memory checksum not recorded",
@@ -162,14 +167,27 @@ pub fn template(cmd: TemplateCommand) -> Result<ExitCode> {
     }
 }
 
+/// Open files a process needs besides its clones (std streams, KVM, the
+/// template, logs, and a margin for the agent calls in flight).
+const FD_RESERVE: u64 = 64;
+/// How often `clone --keep` looks at its clones while waiting for a signal.
+const KEEP_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Number of open file descriptors of this process.
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}
+
 pub fn clone(a: CloneArgs) -> Result<ExitCode> {
     if a.count == 0 {
         bail!("--count must be at least 1");
     }
+    // Before any clone thread exists, so that every thread inherits the mask.
+    let stop_signals = a.keep.then(crate::signals::block_stop_signals);
     let expected = match (a.vcpus, a.mem_mib) {
         (None, None) => None,
         (vcpus, mem_mib) => {
-            let t = snapshot::Template::open(&a.template)?;
+            let t = snapshot::Template::open(&a.template, vmm::state::STATE_SCHEMA)?;
             let mut c = t.manifest().config.clone();
             c.vcpus = vcpus.unwrap_or(c.vcpus);
             c.mem_mib = mem_mib.unwrap_or(c.mem_mib);
@@ -178,16 +196,41 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
     };
     let handle = TemplateHandle::open(&a.template, expected.as_ref())?;
     let mut clones = Vec::new();
+    let mut failed = 0usize;
     for i in 0..a.count {
         let vsock = a
             .vsock_dir
             .as_ref()
             .map(|d| d.join(format!("clone-{i}.vsock")));
-        let c = handle.clone_vm(CloneOptions {
+        let fds_before = open_fds();
+        let c = match handle.clone_vm(CloneOptions {
             id: Some(format!("clone-{i}")),
             vsock,
             ..CloneOptions::default()
-        })?;
+        }) {
+            Ok(c) => c,
+            // With --keep the clones already running stay up: report this one.
+            Err(e) if a.keep && !clones.is_empty() => {
+                eprintln!("minivmm: clone {i} failed: {e}");
+                failed += 1;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if a.keep && i == 0 && a.count > 1 {
+            // Refuse up front what cannot fit in the open-file limit, rather
+            // than fail half-way: the first clone shows what one costs.
+            let per_clone = open_fds().saturating_sub(fds_before).max(1);
+            let limit = crate::fd_limit();
+            let room = limit.saturating_sub(fds_before + FD_RESERVE) / per_clone;
+            if (a.count as u64) > room {
+                drop(c);
+                bail!(
+                    "{} clones do not fit in the open-file limit: each takes {per_clone} files and the limit is {limit}, room for {room}; raise the hard limit (ulimit -Hn) or use --count {room}",
+                    a.count
+                );
+            }
+        }
         let t = c.timings;
         if a.json {
             println!(
@@ -214,14 +257,28 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
             clones.push(c);
         }
     }
-    if a.keep {
+    if let Some(set) = stop_signals {
         eprintln!(
             "minivmm: {} clone(s) running; interrupt to stop",
             clones.len()
         );
-        for c in &clones {
-            c.vm.wait_exit(None);
+        loop {
+            if let Some(sig) = crate::signals::wait_for_signal(&set, KEEP_CHECK_PERIOD) {
+                eprintln!("minivmm: signal {sig}: stopping {} clone(s)", clones.len());
+                break;
+            }
+            if clones
+                .iter()
+                .all(|c| c.vm.wait_exit(Some(std::time::Duration::ZERO)).is_some())
+            {
+                break;
+            }
         }
+        // Dropping the clones stops them and removes their sockets.
+        drop(clones);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} clone(s) failed", a.count);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -230,7 +230,8 @@ fn killing_template_create_never_leaves_an_accepted_template() {
     let dir = format!("/dev/shm/minivmm-cli-kill-{}", std::process::id());
     let mut killed = 0;
     for step in 0..12u64 {
-        let _ = std::fs::remove_dir_all(&dir);
+        // A committed template's memory is immutable: remove() unseals it.
+        let _ = snapshot::template::remove(&dir);
         let mut child = Command::new(BIN)
             .args(["template", "create", "--dir", &dir, "--mem-mib", "64"])
             .stdout(Stdio::null())
@@ -265,7 +266,7 @@ fn killing_template_create_never_leaves_an_accepted_template() {
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = snapshot::template::remove(&dir);
     assert!(killed > 0, "no create was killed: the test proved nothing");
 }
 
@@ -625,4 +626,75 @@ fn template_create_with_a_bad_initrd_creates_nothing() {
     );
     std::fs::remove_file(&text).unwrap();
     std::fs::remove_file(&big).unwrap();
+}
+
+/// Runs a command other than minivmm and returns its output.
+fn tool(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+#[test]
+fn template_create_seals_check_cross_checks_and_rm_removes() {
+    let base = format!("/dev/shm/minivmm-cli-seal-{}", std::process::id());
+    let (d, d2, d3) = (
+        base.clone(),
+        format!("{base}-vcpus"),
+        format!("{base}-fifo"),
+    );
+    for dir in [&d, &d2, &d3] {
+        let _ = snapshot::template::remove(dir);
+    }
+    let out = minivmm(&["template", "create", "--dir", &d, "--mem-mib", "64"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // `lsattr D/memory` shows the immutable flag.
+    let memory = format!("{d}/memory");
+    let lsattr = tool("lsattr", &[&memory]);
+    let flags = String::from_utf8_lossy(&lsattr.stdout);
+    let flags = flags.split_whitespace().next().unwrap_or_default();
+    assert!(flags.contains('i'), "lsattr: {lsattr:?}");
+    let out = minivmm(&["template", "check", "--dir", &d]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("memory immutable"),
+        "{out:?}"
+    );
+
+    // Guest RAM mapped shared over a template's memory is refused.
+    assert_one_line_error(
+        &minivmm(&["run", "--memory-file", &memory, "--shared"]),
+        &memory,
+    );
+
+    // A copy whose manifest says 2 vCPUs while its state has 1.
+    assert!(tool("cp", &["-r", &d, &d2]).status.success());
+    let manifest = format!("{d2}/manifest");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains("\"vcpus\": 1,"), "{text}");
+    std::fs::write(
+        &manifest,
+        text.replacen("\"vcpus\": 1,", "\"vcpus\": 2,", 1),
+    )
+    .unwrap();
+    assert_one_line_error(&minivmm(&["template", "check", "--dir", &d2]), "vcpus");
+
+    // A FIFO named manifest: refused at once, never waited on.
+    assert!(tool("cp", &["-r", &d, &d3]).status.success());
+    let fifo = format!("{d3}/manifest");
+    std::fs::remove_file(&fifo).unwrap();
+    assert!(tool("mkfifo", &[&fifo]).status.success());
+    assert_one_line_error(
+        &minivmm(&["template", "check", "--dir", &d3]),
+        "not a regular file",
+    );
+
+    // `template rm` removes it all, immutable memory included.
+    for dir in [&d, &d2, &d3] {
+        let out = minivmm(&["template", "rm", "--dir", dir]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(!std::path::Path::new(dir).exists(), "{dir} still exists");
+    }
 }

@@ -43,7 +43,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Lower-case hex SHA-256 of a file, streamed so that guest RAM need not fit in
 /// the heap.
 pub(crate) fn sha256_file_hex(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
+    sha256_reader_hex(File::open(path)?)
+}
+
+/// Lower-case hex SHA-256 of everything `reader` yields, streamed.
+pub(crate) fn sha256_reader_hex(mut file: impl Read) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -6,6 +6,7 @@
 //! refuse anything missing, partial, corrupt or mismatched.
 
 mod durable;
+pub mod fsfile;
 pub mod state;
 pub mod template;
 

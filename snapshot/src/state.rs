@@ -163,7 +163,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, StateError> {
 }
 
 /// Decodes a complete state file image, validating it first.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateError> {
+pub fn decode<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, StateError> {
     decode_from(bytes, Path::new(IN_MEMORY))
 }
 
@@ -194,7 +194,9 @@ pub fn write_state<T: Serialize + ?Sized>(
 }
 
 /// Reads, validates and decodes the state file at `path`.
-pub fn read_state<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T, StateError> {
+pub fn read_state<T: Serialize + DeserializeOwned>(
+    path: impl AsRef<Path>,
+) -> Result<T, StateError> {
     let path = path.as_ref();
     let bytes = fs::read(path).map_err(|e| io_error("read", path, e))?;
     decode_from(&bytes, path)
@@ -217,8 +219,15 @@ pub(crate) fn write_state_synced<T: Serialize + ?Sized>(
     durable::write_synced(path, &bytes).map_err(|e| io_error("write", path, e))
 }
 
-/// [`decode`] with errors naming `path`.
-pub(crate) fn decode_from<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, StateError> {
+/// [`decode`] with errors naming `path`. The payload must be the value's
+/// canonical encoding: some decoders are lenient (kvm-bindings' KVM structures
+/// accept byte strings of any length, zero-filling or cutting them), so a
+/// payload that decodes but does not encode back to itself is refused rather
+/// than restored as something the writer never saved.
+pub(crate) fn decode_from<T: Serialize + DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<T, StateError> {
     let (_, payload) = parse(bytes, path)?;
     let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| StateError::Decode {
         path: path.to_owned(),
@@ -228,6 +237,23 @@ pub(crate) fn decode_from<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Res
         return Err(StateError::Decode {
             path: path.to_owned(),
             message: format!("{} trailing bytes after the value", rest.len()),
+        });
+    }
+    let canonical = postcard::to_allocvec(&value).map_err(|e| StateError::Decode {
+        path: path.to_owned(),
+        message: format!("decoded value does not encode again: {e}"),
+    })?;
+    if let Some(at) = canonical
+        .iter()
+        .zip(payload)
+        .position(|(a, b)| a != b)
+        .or((canonical.len() != payload.len()).then_some(canonical.len().min(payload.len())))
+    {
+        return Err(StateError::Decode {
+            path: path.to_owned(),
+            message: format!(
+                "payload is not the canonical encoding of its value (differs from payload byte {at} on: a field of the wrong size?)"
+            ),
         });
     }
     Ok(value)

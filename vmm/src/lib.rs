@@ -7,6 +7,7 @@ pub mod console;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod state;
 pub mod vcpu;
 pub mod virtio;

@@ -1,10 +1,13 @@
 //! Guest RAM and its backends: anonymous memory, a file mapped MAP_SHARED
 //! (building a template: guest writes land in the file) and a file mapped
 //! MAP_PRIVATE|MAP_NORESERVE (a clone: reads share the page cache, writes
-//! copy a page and never reach the file).
+//! copy a page and never reach the file), either opened by path or handed
+//! over as an already open file (a template's memory, held by fd so that a
+//! file put in its place later is never mapped).
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -20,7 +23,45 @@ pub enum MemoryBackend {
     SharedFile(PathBuf),
     /// An existing file mapped MAP_PRIVATE|MAP_NORESERVE (copy-on-write).
     PrivateFile(PathBuf),
+    /// An already open file mapped MAP_PRIVATE|MAP_NORESERVE from its fd.
+    PrivateFd(OpenMemoryFile),
 }
+
+/// An open guest RAM file and the path it was opened from (for messages).
+/// Clones share one: each maps a dup of the same fd.
+#[derive(Clone, Debug)]
+pub struct OpenMemoryFile {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl OpenMemoryFile {
+    /// Wrap `file`, opened from `path`.
+    pub fn new(file: impl Into<Arc<File>>, path: PathBuf) -> Self {
+        OpenMemoryFile {
+            file: file.into(),
+            path,
+        }
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl PartialEq for OpenMemoryFile {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.file, &other.file)
+    }
+}
+
+impl Eq for OpenMemoryFile {}
 
 /// Errors creating guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +141,17 @@ impl GuestRam {
             MemoryBackend::Anonymous => None,
             MemoryBackend::SharedFile(path) => Some(open_shared(path, size)?),
             MemoryBackend::PrivateFile(path) => Some(open_private(path, size)?),
+            MemoryBackend::PrivateFd(open) => {
+                let file = open
+                    .file()
+                    .try_clone()
+                    .map_err(|source| MemoryError::OpenFile {
+                        path: open.path().to_path_buf(),
+                        source,
+                    })?;
+                check_private_size(&file, open.path(), size)?;
+                Some(file)
+            }
         };
         let (prot, flags) = match backend {
             MemoryBackend::Anonymous => (
@@ -107,7 +159,7 @@ impl GuestRam {
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             ),
             MemoryBackend::SharedFile(_) => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
-            MemoryBackend::PrivateFile(_) => (
+            MemoryBackend::PrivateFile(_) | MemoryBackend::PrivateFd(_) => (
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_NORESERVE,
             ),
@@ -158,6 +210,7 @@ impl GuestRam {
 fn backend_path(backend: &MemoryBackend) -> &Path {
     match backend {
         MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => p,
+        MemoryBackend::PrivateFd(open) => open.path(),
         MemoryBackend::Anonymous => Path::new(""),
     }
 }
@@ -189,7 +242,14 @@ fn open_private(path: &Path, size: u64) -> Result<File, MemoryError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let actual = file_len(&file, path)?;
+    check_private_size(&file, path, size)?;
+    Ok(file)
+}
+
+/// A copy-on-write file must cover guest RAM: pages past its end would fault
+/// with SIGBUS when the guest touches them.
+fn check_private_size(file: &File, path: &Path, size: u64) -> Result<(), MemoryError> {
+    let actual = file_len(file, path)?;
     if actual < size {
         return Err(MemoryError::FileTooSmall {
             path: path.to_path_buf(),
@@ -197,7 +257,7 @@ fn open_private(path: &Path, size: u64) -> Result<File, MemoryError> {
             actual,
         });
     }
-    Ok(file)
+    Ok(())
 }
 
 fn file_len(file: &File, path: &Path) -> Result<u64, MemoryError> {
@@ -241,6 +301,37 @@ mod tests {
         }
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[0x1000..0x1004], &0xabcdu32.to_le_bytes());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn private_fd_maps_the_open_file_not_what_is_at_its_path_now() {
+        let path = tmp("fd");
+        std::fs::write(&path, vec![0x5au8; 32 << 20]).unwrap();
+        let open = OpenMemoryFile::new(File::open(&path).unwrap(), path.clone());
+        // Another file takes the name: the open fd still maps the first one.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, vec![0x11u8; 32 << 20]).unwrap();
+        let ram = GuestRam::new(32, MemoryBackend::PrivateFd(open.clone())).unwrap();
+        let v: u8 = ram.memory().read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(v, 0x5a);
+        ram.memory()
+            .write_obj(0x77u8, GuestAddress(0x2000))
+            .unwrap();
+        drop(ram);
+        // Copy-on-write: the open file did not change.
+        let again = GuestRam::new(32, MemoryBackend::PrivateFd(open.clone())).unwrap();
+        let v: u8 = again.memory().read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(v, 0x5a);
+        // Too small for the RAM asked for: an error naming the path.
+        let err = GuestRam::new(64, MemoryBackend::PrivateFd(open))
+            .err()
+            .unwrap();
+        assert!(matches!(err, MemoryError::FileTooSmall { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 

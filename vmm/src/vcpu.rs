@@ -282,13 +282,37 @@ pub struct VcpuHandle {
     /// The vCPU fd; the thread holds the lock only while inside KVM_RUN.
     pub fd: Arc<Mutex<VcpuFd>>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected when the thread has ended (its sender is dropped).
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+/// A thread that did not end within its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("thread {name} did not end within {timeout:?}")]
+pub struct StuckThread {
+    /// The thread's name.
+    pub name: String,
+    /// The deadline it missed.
+    pub timeout: Duration,
 }
 
 impl VcpuHandle {
-    /// Wait for the thread to finish (after the control block said Stop).
-    pub fn join(&mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// Wait up to `timeout` for the thread to finish (after the control block
+    /// said Stop). A thread stuck past the deadline (e.g. in a device call
+    /// that never returns) is reported and left behind, never waited on forever.
+    pub fn join(&mut self, timeout: Duration) -> Result<(), StuckThread> {
+        let Some(t) = self.thread.take() else {
+            return Ok(());
+        };
+        match self.done.recv_timeout(timeout) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(StuckThread {
+                name: t.thread().name().unwrap_or("vcpu").to_owned(),
+                timeout,
+            }),
+            _ => {
+                let _ = t.join();
+                Ok(())
+            }
         }
     }
 }
@@ -307,25 +331,45 @@ pub struct VcpuContext {
     pub control: Arc<VcpuControl>,
 }
 
-/// Start the thread of a vCPU.
+/// Start the thread of a vCPU. With seccomp [enabled](crate::seccomp::enabled)
+/// the thread installs its vCPU filter before it first enters the guest.
 pub fn spawn(fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
     let fd = Arc::new(Mutex::new(fd));
     let thread_fd = fd.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{}", ctx.id))
         .spawn(move || {
+            let _done = done_tx;
+            if let Err(e) = crate::seccomp::install_if_enabled(crate::seccomp::ThreadKind::Vcpu) {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
             // SAFETY: pthread_self has no preconditions.
             let me = unsafe { libc::pthread_self() };
             ctx.control.lock().threads.push(me);
-            let _ = ready_tx.send(());
+            let _ = ready_tx.send(Ok(()));
             run_loop(&thread_fd, &ctx);
         })?;
     // The thread must be kickable before anyone may pause or stop the VM.
-    let _ = ready_rx.recv();
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(std::io::Error::other(e));
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(std::io::Error::other(
+                "the vCPU thread ended before it started",
+            ));
+        }
+    }
     Ok(VcpuHandle {
         fd,
         thread: Some(thread),
+        done,
     })
 }
 

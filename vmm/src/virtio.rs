@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+pub use devices::virtio::vsock::ConnectionWatch;
 use devices::virtio::vsock::{Vsock, VsockState};
 use devices::virtio::{
     kernel_cmdline_arg, EventLoop, EventLoopHandle, Fs, FsState, MmioTransport, MmioTransportState,
@@ -107,6 +108,12 @@ pub enum VirtioError {
     /// A restore needs a backend for each saved virtio-fs device.
     #[error("the saved VM has a virtio-fs device tagged {0:?}: give the restored VM a virtiofsd socket for it")]
     FsSocketMissing(String),
+    /// Pausing the device thread failed (it is stuck or gone).
+    #[error("pausing the virtio devices: {0}")]
+    Pause(#[source] devices::virtio::EventLoopError),
+    /// The devices were still running when their state was asked for.
+    #[error("the virtio devices are not paused: their state could change while it is saved")]
+    NotQuiet,
 }
 
 /// A transport shared between the MMIO bus and the VM (for saving it).
@@ -265,7 +272,10 @@ impl VirtioDevices {
         let event_loop = if rng.is_some() || vsock.is_some() || !fs.is_empty() {
             Some(
                 event_loop
-                    .start(vm_id)
+                    .start_with(vm_id, || {
+                        crate::seccomp::install_if_enabled(crate::seccomp::ThreadKind::DeviceLoop)
+                            .map_err(|e| e.to_string())
+                    })
                     .map_err(|e| device_err("event loop")(e.to_string()))?,
             )
         } else {
@@ -301,11 +311,53 @@ impl VirtioDevices {
         }
     }
 
-    /// Save the devices' state (vCPUs paused).
-    pub fn save(&self) -> VirtioState {
+    /// Hold the device thread between two events (after the vCPUs are
+    /// paused): no queue moves and guest memory is not written until
+    /// [`resume`](Self::resume).
+    pub fn pause(&self, timeout: std::time::Duration) -> Result<(), VirtioError> {
+        match &self.event_loop {
+            Some(h) => h.pause(timeout).map_err(VirtioError::Pause),
+            None => Ok(()),
+        }
+    }
+
+    /// Let the device thread run again after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        if let Some(h) = &self.event_loop {
+            h.resume();
+        }
+    }
+
+    /// Whether no device can run now (paused, stopped, or never started).
+    pub fn is_quiet(&self) -> bool {
+        self.event_loop.as_ref().is_none_or(|h| h.is_quiet())
+    }
+
+    /// Wait until the vsock device has no open connection, or `timeout`
+    /// passes; returns how many are still open (0 without a vsock device).
+    pub fn wait_vsock_idle(&self, timeout: std::time::Duration) -> usize {
+        self.vsock_connection_watch()
+            .map_or(0, |w| w.wait_idle(timeout))
+    }
+
+    /// The vsock device's connection count, to wait on (None without vsock).
+    pub fn vsock_connection_watch(&self) -> Option<ConnectionWatch> {
+        self.vsock.as_ref().map(|(_, dev)| {
+            dev.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .connection_watch()
+        })
+    }
+
+    /// Save the devices' state; they must be quiet ([`pause`](Self::pause)),
+    /// or a queue could move between this state and the memory it describes.
+    pub fn save(&self) -> Result<VirtioState, VirtioError> {
+        if !self.is_quiet() {
+            return Err(VirtioError::NotQuiet);
+        }
         let lock =
             |t: &Arc<Mutex<MmioTransport>>| t.lock().unwrap_or_else(|p| p.into_inner()).save();
-        VirtioState {
+        Ok(VirtioState {
             rng: self.rng.as_ref().map(lock),
             vsock: self
                 .vsock
@@ -316,19 +368,17 @@ impl VirtioDevices {
                 .iter()
                 .map(|(t, d)| (lock(t), d.lock().unwrap_or_else(|p| p.into_inner()).save()))
                 .collect(),
-        }
+        })
     }
 
-    /// Stop the device thread.
-    pub fn stop(&mut self) {
-        if let Some(h) = self.event_loop.take() {
-            h.stop();
-        }
+    /// Stop the device thread (bounded wait); false if it was stuck and left behind.
+    pub fn stop(&mut self) -> bool {
+        self.event_loop.take().is_none_or(|h| h.stop())
     }
 }
 
 impl Drop for VirtioDevices {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }

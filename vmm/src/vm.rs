@@ -19,13 +19,14 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use crate::boot::KernelImage;
-use crate::boot::{self, ApStart, BootError};
+use crate::boot::{self, ApStart, BootError, EntryProtocol};
 use crate::bus::{Bus, BusError};
 use crate::kvm::{self, Flavour, KvmError};
 use crate::layout;
 use crate::memory::{GuestRam, MemoryBackend, MemoryError};
 use crate::state::{
-    msrs_to_save, restore_vcpu, restore_vm, save_vcpu, save_vm, StateError, VmState,
+    restore_vcpu, restore_vm, save_vcpu, save_vm, xsave_bytes, StateError, VcpuStateContext,
+    VmState,
 };
 pub use crate::vcpu::GuestExit;
 use crate::vcpu::{self, ControlError, VcpuContext, VcpuControl, VcpuHandle};
@@ -35,6 +36,8 @@ use crate::virtio::{VirtioConfig, VirtioDevices};
 pub const MAX_VCPUS: u32 = 254;
 /// Default time a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long stopping a VM waits for its threads before reporting them stuck.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What to build.
 pub struct VmConfig {
@@ -116,6 +119,14 @@ pub enum VmError {
     /// start() called twice.
     #[error("the VM was already started")]
     AlreadyStarted,
+    /// Threads of the VM did not end when it was stopped.
+    #[error("threads {threads:?} did not end within {timeout:?} of the stop; left behind")]
+    StuckThreads {
+        /// Their names.
+        threads: Vec<String>,
+        /// The deadline.
+        timeout: Duration,
+    },
 }
 
 fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -305,6 +316,13 @@ impl Shell {
 impl Vm {
     /// Create the VM and load the kernel; the vCPUs do not run until `start`.
     pub fn create(config: VmConfig) -> Result<Vm, VmError> {
+        Self::create_with_entry(config, EntryProtocol::Minivmm)
+    }
+
+    /// [`create`](Self::create), entering the guest by `entry`: tests use
+    /// `EntryProtocol::LinuxMinimal` to check that a guest needs no more than
+    /// the Linux 64-bit boot protocol promises (as under Firecracker).
+    pub fn create_with_entry(config: VmConfig, entry: EntryProtocol) -> Result<Vm, VmError> {
         let shell = Shell::new(
             &config.id,
             config.vcpus,
@@ -314,7 +332,8 @@ impl Vm {
             (&config.virtio, None),
         )?;
         let mem = shell.ram.memory();
-        let kernel = boot::load_kernel(mem, shell.ram.size(), &config.kernel, shell.flavour)?;
+        let kernel =
+            boot::load_kernel(mem, shell.ram.size(), &config.kernel, shell.flavour)?.under(entry);
         let mut cmdline = config.cmdline.clone();
         for arg in shell.virtio.cmdline() {
             if !cmdline.is_empty() {
@@ -344,7 +363,7 @@ impl Vm {
             initrd: initrd.map(|i| (i.addr, i.size)),
             acpi_rsdp: Some(acpi.rsdp),
         };
-        boot::write_boot_structures(mem, shell.ram.size(), &kernel, &cmdline, extras)?;
+        boot::write_boot_structures(mem, shell.ram.size(), &kernel, &cmdline, extras, entry)?;
 
         let supported = ioctl(
             "KVM_GET_SUPPORTED_CPUID",
@@ -353,7 +372,9 @@ impl Vm {
         for (i, fd) in shell.vcpu_fds.iter().enumerate() {
             let i = i as u32;
             boot::regs::configure_common(fd, i, config.vcpus, &supported)?;
-            if i == 0 || kernel.ap_start == ApStart::Direct {
+            if i == 0 && entry == EntryProtocol::LinuxMinimal {
+                boot::regs::configure_minimal_linux_entry(fd, i, kernel.entry)?;
+            } else if i == 0 || kernel.ap_start == ApStart::Direct {
                 boot::regs::configure_64bit_entry(
                     fd,
                     i,
@@ -384,8 +405,9 @@ impl Vm {
             (&virtio, Some(state)),
         )?;
         restore_vm(&shell.vm_fd, &state.kvm)?;
+        let xsave = xsave_bytes(&shell.vm_fd);
         for (i, (fd, s)) in shell.vcpu_fds.iter().zip(&state.vcpus).enumerate() {
-            restore_vcpu(fd, i, s)?;
+            restore_vcpu(fd, i, s, xsave)?;
         }
         // Connections from before the snapshot are gone: tell the guest now,
         // so its agent listens again before the host connects.
@@ -397,11 +419,11 @@ impl Vm {
     /// Save the state of a paused (or not yet started) VM; RAM is not part
     /// of it (it lives in the memory backend).
     pub fn save(&self) -> Result<VmState, VmError> {
-        let msr_list = msrs_to_save(&self.kvm)?;
+        let ctx = VcpuStateContext::new(&self.kvm, &self.vm_fd)?;
         let mut vcpus = Vec::new();
         if self.vcpus.is_empty() {
             for (i, fd) in self.vcpu_fds.iter().enumerate() {
-                vcpus.push(save_vcpu(fd, i, &msr_list)?);
+                vcpus.push(save_vcpu(fd, i, &ctx)?);
             }
         } else {
             if !self.control.is_paused() {
@@ -409,16 +431,26 @@ impl Vm {
             }
             for (i, v) in self.vcpus.iter().enumerate() {
                 let fd = v.fd.lock().unwrap_or_else(|p| p.into_inner());
-                vcpus.push(save_vcpu(&fd, i, &msr_list)?);
+                vcpus.push(save_vcpu(&fd, i, &ctx)?);
             }
         }
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        // Not started: the device thread may still serve host sockets, so
+        // hold it for the moment its state is taken.
+        let hold_devices = self.vcpus.is_empty() && !self.virtio.is_quiet();
+        if hold_devices {
+            self.virtio.pause(PAUSE_TIMEOUT)?;
+        }
+        let virtio = self.virtio.save();
+        if hold_devices {
+            self.virtio.resume();
+        }
         Ok(VmState {
             mem_mib: self.ram.size() >> 20,
             vcpus,
             kvm: save_vm(&self.vm_fd)?,
             serial,
-            virtio: self.virtio.save(),
+            virtio: virtio?,
         })
     }
 
@@ -444,24 +476,72 @@ impl Vm {
         Ok(())
     }
 
-    /// Pause every vCPU (returns once all are out of KVM_RUN).
+    /// Pause the whole machine: every vCPU (out of KVM_RUN), then the device
+    /// thread (parked between two events). Until `resume`, no guest code
+    /// runs, no queue moves and guest memory does not change.
     pub fn pause(&self) -> Result<(), VmError> {
-        Ok(self.control.pause(PAUSE_TIMEOUT)?)
+        self.control.pause(PAUSE_TIMEOUT)?;
+        // vCPUs first: once they are parked nothing new can notify a queue.
+        if let Err(e) = self.virtio.pause(PAUSE_TIMEOUT) {
+            let _ = self.control.resume();
+            return Err(e.into());
+        }
+        Ok(())
     }
 
-    /// Resume after `pause`.
+    /// Wait until the VM's vsock device has no open connection (e.g. the
+    /// guest agent finished quiescing for a snapshot), or `timeout` passes;
+    /// returns how many are still open.
+    pub fn wait_vsock_idle(&self, timeout: Duration) -> usize {
+        self.virtio.wait_vsock_idle(timeout)
+    }
+
+    /// The vsock device's connection count, to wait on (None without vsock).
+    pub fn vsock_connection_watch(&self) -> Option<crate::virtio::ConnectionWatch> {
+        self.virtio.vsock_connection_watch()
+    }
+
+    /// Resume after `pause`: devices first, so they are running by the time
+    /// a vCPU notifies one.
     pub fn resume(&self) -> Result<(), VmError> {
+        self.virtio.resume();
         Ok(self.control.resume()?)
     }
 
-    /// Stop the VM (idempotent): join its vCPU threads and stop its devices.
+    /// Stop the VM (idempotent): join its vCPU threads and stop its devices,
+    /// each with a deadline ([`STOP_DEADLINE`]). Threads stuck past it are
+    /// logged with the VM id and left behind.
     pub fn stop(&mut self) {
-        self.control.end(GuestExit::Stopped);
-        self.control.forget_threads();
-        for v in &mut self.vcpus {
-            v.join();
+        if let Err(stuck) = self.stop_checked() {
+            tracing::error!(vm = %self.id, "{stuck}");
         }
-        self.virtio.stop();
+    }
+
+    /// [`stop`](Self::stop), reporting threads that did not end in time.
+    pub fn stop_checked(&mut self) -> Result<(), VmError> {
+        self.control.end(GuestExit::Stopped);
+        // end() has kicked every thread; forget them before any is joined,
+        // so no later kick can reach a thread id that is no longer valid.
+        self.control.forget_threads();
+        let deadline = std::time::Instant::now() + STOP_DEADLINE;
+        let mut stuck = Vec::new();
+        for v in &mut self.vcpus {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if let Err(e) = v.join(left) {
+                stuck.push(e.name);
+            }
+        }
+        if !self.virtio.stop() {
+            stuck.push(format!("virtio-{}", self.id));
+        }
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(VmError::StuckThreads {
+                threads: stuck,
+                timeout: STOP_DEADLINE,
+            })
+        }
     }
 
     /// A handle that ends this VM from any thread (e.g. when a device's

@@ -494,7 +494,7 @@ impl MmioTransport {
         {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    tracing::warn!(vm = %self.vm_id, "signalling queue {value}: {e}");
+                    crate::warn_limited!(vm = %self.vm_id, "signalling queue {value}: {e}");
                 }
             }
             None => {
@@ -537,7 +537,7 @@ impl MmioTransport {
         let mut failed = false;
         if added & status::DRIVER_OK != 0 && new & status::DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
-                tracing::warn!(vm = %self.vm_id, "virtio device type {} failed to activate: {e}", self.device().device_type());
+                crate::warn_limited!(vm = %self.vm_id, "virtio device type {} failed to activate: {e}", self.device().device_type());
                 new |= status::DEVICE_NEEDS_RESET;
                 failed = true;
             }

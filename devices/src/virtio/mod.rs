@@ -14,23 +14,39 @@
 //! For the n-th virtio device, at `base = 0xd000_0000 + n * 0x1000` on IOAPIC
 //! pin (GSI) `irq = 5 + n`:
 //!
-//! ```ignore
+//! ```no_run
+//! # use std::sync::{Arc, Mutex};
+//! # use devices::virtio::{kernel_cmdline_arg, EventLoop, MmioTransport, Rng, VirtioDevice, Vsock};
+//! # use devices::virtio::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+//! # use kvm_ioctls::{IoEventAddress, Kvm};
+//! # use vm_memory::{GuestAddress, GuestMemoryMmap};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let (vm_id, uds_path) = ("vm0", std::path::Path::new("/tmp/vm0.vsock"));
+//! # let vm_fd = Kvm::new()?.create_vm()?; // with its irqchip, in a real VMM
+//! # let guest_mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)])?;
+//! # let mut mmio_bus = Vec::new(); // the VMM's MMIO bus: (base, size, device)
+//! # let mut cmdline = Vec::new();
 //! let mut event_loop = EventLoop::new()?;                      // one per VM
 //! let rng = Arc::new(Mutex::new(Rng::new(vm_id)?));
-//! let vsock = Arc::new(Mutex::new(Vsock::new(vm_id, 3, &uds_path)?));
-//! for dev in [rng.clone() as Arc<Mutex<dyn VirtioDevice>>, vsock.clone()] {
-//!     let transport = MmioTransport::new(vm_id, guest_mem.clone(), dev.clone())?;
+//! let vsock = Arc::new(Mutex::new(Vsock::new(vm_id, 3, uds_path)?));
+//! let devices: [Arc<Mutex<dyn VirtioDevice>>; 2] = [rng.clone(), vsock.clone()];
+//! for (n, dev) in (0u64..).zip(devices) {
+//!     let (base, irq) = (0xd000_0000 + n * MMIO_WINDOW_SIZE, 5 + n as u32);
+//!     let transport = MmioTransport::new(vm_id, guest_mem.clone(), dev)?;
 //!     vm_fd.register_irqfd(transport.irq_evt(), irq)?;             // edge-triggered
 //!     for (queue, evt) in transport.queue_notify_evts()? {
 //!         let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
 //!         vm_fd.register_ioevent(&evt, &addr, u32::from(queue))?;  // 4-byte datamatch
 //!     }
-//!     mmio_bus.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+//!     mmio_bus.push((base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport))));
 //!     cmdline.push(kernel_cmdline_arg(base, irq));                 // virtio_mmio.device=4K@...
 //! }
 //! event_loop.add_subscriber(rng);          // the device, not the transport
 //! event_loop.add_subscriber(vsock.clone());
 //! let loop_handle = event_loop.start(vm_id)?;   // dropping the handle stops the thread
+//! # drop(loop_handle);
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! After a snapshot restore, build the devices the same way but with
@@ -44,6 +60,8 @@ pub mod mmio;
 pub mod rng;
 pub mod vsock;
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 pub(crate) mod test_utils;
 

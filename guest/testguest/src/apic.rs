@@ -162,7 +162,7 @@ pub fn mask_pic() {
 }
 
 fn ioapic_read(reg: u32) -> u32 {
-    // SAFETY: the IOAPIC window is identity mapped by the VMM's page tables.
+    // SAFETY: the IOAPIC window is identity mapped by the guest's own tables (`paging`).
     unsafe {
         core::ptr::write_volatile((IOAPIC_BASE + IOAPIC_IOREGSEL) as *mut u32, reg);
         core::ptr::read_volatile((IOAPIC_BASE + IOAPIC_IOWIN) as *const u32)

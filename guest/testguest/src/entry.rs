@@ -1,7 +1,13 @@
 //! `_start`, the ELF entry point every vCPU enters (Linux 64-bit boot
-//! protocol plus minivmm's extension): long mode, paging on (identity map of
-//! the first 16 GiB), interrupts off, RSI = zero page, RDI = vCPU index. It
-//! moves to this CPU's stack in .bss at once and calls `kernel::rust_entry`.
+//! protocol plus minivmm's extension): long mode, paging on, interrupts off,
+//! RSI = zero page, RDI = vCPU index. The protocol promises an identity map
+//! of the kernel, the zero page and the command line only (Firecracker maps
+//! the first 1 GiB) and not SSE (Firecracker enters with CR4 = PAE), so before
+//! anything else `_start` turns SSE on (CR0.MP set, CR0.EM clear, CR4.OSFXSR
+//! and OSXMMEXCPT: the compiler uses SSE moves anywhere) and loads the
+//! guest's own page tables (`paging`: the IOAPIC, the LAPIC and the
+//! virtio-mmio windows lie above 1 GiB). Only then does it move to this CPU's
+//! stack in .bss and call `kernel::rust_entry`.
 //! Also the "minivmm" ELF notes that ask the VMM to start every vCPU here,
 //! and (on PVM) to start them in native mode.
 
@@ -10,12 +16,43 @@ use core::arch::global_asm;
 use crate::cmdline::MAX_CPUS;
 use crate::percpu::{CpuArea, CPU_AREAS, STACK_TOP_OFFSET};
 
+/// CR0.MP: WAIT/FWAIT honour TS (SDM Vol. 3A §2.5; set for SSE, §13.1.3).
+const CR0_MP: u64 = 1 << 1;
+/// CR0.EM: x87/SSE instructions raise #UD when set (SDM Vol. 3A §2.5).
+const CR0_EM: u64 = 1 << 2;
+/// CR4.OSFXSR: the OS supports FXSAVE/FXRSTOR and SSE (SDM Vol. 3A §2.5).
+const CR4_OSFXSR: u64 = 1 << 9;
+/// CR4.OSXMMEXCPT: SIMD floating-point exceptions raise #XM (SDM Vol. 3A §2.5).
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+
 global_asm!(
     r#"
     .pushsection .text.entry, "ax"
     .globl _start
 _start:
     cld
+    /* SSE on. Each control register is written only if it must change:
+       under PVM every access is trapped or emulated. RSI and RDI (the boot
+       arguments) are left alone. */
+    mov %cr0, %rax
+    mov %rax, %rcx
+    or ${cr0_set}, %rax
+    and ${cr0_keep}, %rax
+    cmp %rax, %rcx
+    je 6f
+    mov %rax, %cr0
+6:
+    mov %cr4, %rax
+    mov %rax, %rcx
+    or ${cr4_set}, %rax
+    cmp %rax, %rcx
+    je 7f
+    mov %rax, %cr4
+7:
+    /* Our own identity map of everything we touch, whatever the VMM's
+       tables covered; from here no address depends on the VMM's map. */
+    lea guest_pml4(%rip), %rax
+    mov %rax, %cr3
     cmp ${max_cpus}, %rdi
     jae 2f
     imul ${area_size}, %rdi, %rax
@@ -65,6 +102,9 @@ _start:
     .balign 4
     .popsection
     "#,
+    cr0_set = const CR0_MP,
+    cr0_keep = const !(CR0_EM as i64),
+    cr4_set = const CR4_OSFXSR | CR4_OSXMMEXCPT,
     max_cpus = const MAX_CPUS,
     area_size = const core::mem::size_of::<CpuArea>(),
     stack_top = const STACK_TOP_OFFSET,

@@ -4,7 +4,9 @@
 //! the agent can run in user mode over all of it. The tables are data the
 //! assembler computes (like the IDT): nothing is built at boot, where every
 //! guest instruction may be emulated. They do not depend on the tables the VMM
-//! entered us with; the BSP switches to them before it starts the agent.
+//! entered us with: every vCPU loads them first thing in `_start` (`entry`),
+//! before it touches anything the VMM's map may lack (the Linux boot protocol
+//! promises little: Firecracker maps only the first 1 GiB).
 //!
 //! User access to everything is deliberate: the agent is the guest's own
 //! trusted code, and user mode is used for speed, not isolation (no SMEP/SMAP,
@@ -12,7 +14,7 @@
 
 #![cfg_attr(test, allow(dead_code))]
 
-/// Bytes identity-mapped (the boot contract's identity map, kernel.rs).
+/// Bytes identity-mapped (what kernel.rs relies on).
 pub const MAPPED_BYTES: u64 = 16 << 30;
 /// Page directories, one per GiB.
 const PD_COUNT: u64 = MAPPED_BYTES >> 30;
@@ -25,21 +27,6 @@ pub const PDE_2M_PWU: u64 = 0x87;
 /// by the unit tests against what the assembler emits).
 pub const fn pde(index: u64) -> u64 {
     (index << 21) | PDE_2M_PWU
-}
-
-/// Loads CR3 with the guest's own tables (idempotent).
-#[cfg(not(test))]
-pub fn activate() {
-    // SAFETY: the tables identity-map everything the guest uses, exactly as
-    // the VMM's tables did, so no address changes meaning.
-    unsafe {
-        core::arch::asm!(
-            "lea {tmp}, [rip + guest_pml4]",
-            "mov cr3, {tmp}",
-            tmp = out(reg) _,
-            options(nostack, preserves_flags)
-        );
-    }
 }
 
 #[cfg(not(test))]

@@ -6,8 +6,8 @@
 //! code runs in KVM's instruction emulator (about 0.5 us per instruction, no
 //! SSE arithmetic) while CPL-3 code runs natively. So the kernel stays small
 //! and the agent (virtio drivers, vsock, protobuf, ChaCha20) runs at CPL 3:
-//! the BSP loads the guest's own page tables (`paging`, user-accessible),
-//! and IRETs to the agent's entry with CS 0x33 / SS 0x2b and IF=1. Interrupts
+//! the guest runs on its own page tables (`paging`, user-accessible, loaded
+//! in `_start`), and the BSP IRETs to the agent's entry with CS 0x33 / SS 0x2b and IF=1. Interrupts
 //! from user mode arrive on the IST stacks like any other; system calls
 //! (`int3`, see `trap` for why) run on the BSP's normal stack, which the
 //! kernel no longer needs once the agent runs.
@@ -131,7 +131,6 @@ mod imp {
                 bus_hz: start.bus_hz,
             });
         }
-        paging::activate();
         let info_addr = info as *const BootInfo as u64;
         if start.pvm {
             info.flags |= FLAG_SUPERVISOR;

@@ -1,4 +1,5 @@
 use super::*;
+use std::io::Read;
 use vmm_sys_util::tempdir::TempDir;
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -28,11 +29,32 @@ fn vm_state(rip: u64) -> VmState {
     }
 }
 
-/// A scratch area whose `template` subdirectory does not exist yet.
-fn scratch() -> (TempDir, PathBuf) {
+/// State schema identity the tests write and expect.
+const SCHEMA: &str = "test-schema-1";
+
+/// A scratch area whose `template` subdirectory does not exist yet; it
+/// unseals and removes the template before the temporary directory goes.
+struct Scratch {
+    tmp: TempDir,
+    dir: PathBuf,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = remove(&self.dir);
+    }
+}
+
+fn scratch() -> (Scratch, PathBuf) {
     let tmp = TempDir::new().unwrap();
     let dir = tmp.as_path().join("template");
-    (tmp, dir)
+    (
+        Scratch {
+            tmp,
+            dir: dir.clone(),
+        },
+        dir,
+    )
 }
 
 /// Starts a template as the VMM would: RAM file, state, then returns the writer.
@@ -50,7 +72,7 @@ fn prepare(
 fn build(dir: &Path, ram: &[u8], rip: u64) -> Manifest {
     prepare(TemplateWriter::create(dir), ram, rip)
         .record_memory_sha256(true)
-        .commit(&config(), "built by a test")
+        .commit(&config(), SCHEMA, "built by a test")
         .unwrap()
 }
 
@@ -67,7 +89,7 @@ fn assert_names(err: &TemplateError, path: &Path) {
 fn round_trip() {
     let (_tmp, dir) = scratch();
     let manifest = build(&dir, &[7u8; 8192], 0x1000);
-    let template = validate(&dir, Some(&config())).unwrap();
+    let template = validate(&dir, SCHEMA, Some(&config())).unwrap();
     assert_eq!(template.manifest(), &manifest);
     assert_eq!(template.dir(), dir.as_path());
     assert_eq!(template.memory_path(), dir.join("memory"));
@@ -77,8 +99,8 @@ fn round_trip() {
     assert_eq!(manifest.memory.size_bytes, 8192);
     assert_eq!(manifest.notes, "built by a test");
     assert!(manifest.memory_sha256.is_some());
-    validate_full(&dir, Some(&config())).unwrap();
-    Template::open(&dir).unwrap();
+    validate_full(&dir, SCHEMA, Some(&config())).unwrap();
+    Template::open(&dir, SCHEMA).unwrap();
 
     let mut names: Vec<_> = fs::read_dir(&dir)
         .unwrap()
@@ -97,18 +119,18 @@ fn round_trip() {
 fn memory_hash_is_optional() {
     let (_tmp, dir) = scratch();
     let manifest = prepare(TemplateWriter::create(&dir), &[1; 4096], 1)
-        .commit(&config(), "")
+        .commit(&config(), SCHEMA, "")
         .unwrap();
     assert_eq!(manifest.memory_sha256, None);
     let json = fs::read_to_string(dir.join("manifest")).unwrap();
     assert!(!json.contains("memory_sha256"));
-    validate_full(&dir, None).unwrap();
+    validate_full(&dir, SCHEMA, None).unwrap();
 }
 
 #[test]
 fn missing_dir_is_named() {
     let (_tmp, dir) = scratch();
-    let err = validate(&dir, None).unwrap_err();
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
     assert!(matches!(err, TemplateError::MissingDir { .. }), "{err}");
     assert_names(&err, &dir);
 }
@@ -117,7 +139,7 @@ fn missing_dir_is_named() {
 fn no_manifest_is_incomplete() {
     let (_tmp, dir) = scratch();
     fs::create_dir(&dir).unwrap();
-    let err = validate(&dir, None).unwrap_err();
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!("incomplete template (no manifest): {}", dir.display())
@@ -129,10 +151,18 @@ fn bad_json_names_manifest_and_parser_message() {
     let (_tmp, dir) = scratch();
     build(&dir, &[0; 4096], 1);
     fs::write(dir.join("manifest"), b"{ \"format_version\": 1,").unwrap();
-    let err = validate(&dir, None).unwrap_err();
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
     assert!(matches!(err, TemplateError::ManifestJson { .. }), "{err}");
     assert_names(&err, &dir.join("manifest"));
     assert!(err.to_string().contains("EOF"), "{err}");
+}
+
+/// Makes a committed template what a filesystem without inode flags gives:
+/// memory not immutable, and a manifest that says so.
+fn unseal(dir: &Path) {
+    let file = File::open(dir.join("memory")).unwrap();
+    let _ = fsfile::set_immutable(&file, false);
+    edit_manifest(dir, |m| m["memory"]["immutable"] = false.into());
 }
 
 /// Rewrites the manifest through a JSON edit.
@@ -144,17 +174,71 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 }
 
 #[test]
-fn unsupported_format_version() {
+fn another_manifest_format_is_an_incompatible_build_in_one_line() {
     let (_tmp, dir) = scratch();
     build(&dir, &[0; 4096], 1);
-    edit_manifest(&dir, |m| m["format_version"] = 99.into());
-    let err = validate(&dir, None).unwrap_err();
+    edit_manifest(&dir, |m| {
+        m["format_version"] = 1.into();
+        // What a format-1 manifest lacked: the error must not be about JSON.
+        m.as_object_mut().unwrap().remove("state_schema");
+        m["minivmm_version"] = "0.0.1".into();
+    });
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
     assert!(
         matches!(
             err,
-            TemplateError::UnsupportedFormat {
-                found: 99,
-                supported: 1,
+            TemplateError::IncompatibleBuild {
+                what: "manifest format",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("made by an incompatible build"), "{text}");
+    assert!(text.contains("minivmm 0.0.1"), "{text}");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert_names(&err, &dir);
+}
+
+#[test]
+fn another_state_schema_is_an_incompatible_build() {
+    let (_tmp, dir) = scratch();
+    build(&dir, &[0; 4096], 1);
+    let err = validate(&dir, "test-schema-2", None).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            TemplateError::IncompatibleBuild { what: "state schema", found, expected, .. }
+                if found == SCHEMA && expected == "test-schema-2"
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("made by an incompatible build"));
+}
+
+#[test]
+fn impossible_manifest_values_name_the_field() {
+    let (_tmp, dir) = scratch();
+    build(&dir, &[0; 4096], 1);
+    // "vcpus": 2 -> 0 is one bit.
+    edit_manifest(&dir, |m| m["config"]["vcpus"] = 0.into());
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
+    assert!(
+        matches!(err, TemplateError::BadManifestValue { field: "vcpus", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("vcpus"), "{err}");
+    edit_manifest(&dir, |m| {
+        m["config"]["vcpus"] = 2.into();
+        m["config"]["mem_mib"] = 0.into();
+    });
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TemplateError::BadManifestValue {
+                field: "mem_mib",
                 ..
             }
         ),
@@ -163,11 +247,40 @@ fn unsupported_format_version() {
 }
 
 #[test]
+fn a_fifo_manifest_is_refused_without_blocking() {
+    let (_tmp, dir) = scratch();
+    build(&dir, &[0; 4096], 1);
+    let manifest = dir.join("manifest");
+    fs::remove_file(&manifest).unwrap();
+    let c = std::ffi::CString::new(manifest.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    // No writer ever opens the FIFO: a blocking open would never return.
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
+    assert!(matches!(err, TemplateError::NotAFile { .. }), "{err}");
+    assert_names(&err, &manifest);
+}
+
+#[test]
+fn symlinked_or_special_files_are_refused() {
+    let (_tmp, dir) = scratch();
+    build(&dir, &[0; 4096], 1);
+    // A symlink to an identical copy outside the template is still refused.
+    let outside = dir.parent().unwrap().join("state-copy");
+    fs::copy(dir.join("state"), &outside).unwrap();
+    fs::remove_file(dir.join("state")).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("state")).unwrap();
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
+    assert!(matches!(err, TemplateError::NotAFile { .. }), "{err}");
+    assert_names(&err, &dir.join("state"));
+}
+
+#[test]
 fn manifest_cannot_point_outside_the_template() {
     let (_tmp, dir) = scratch();
     build(&dir, &[0; 4096], 1);
     edit_manifest(&dir, |m| m["memory"]["file"] = "../memory".into());
-    let err = validate(&dir, None).unwrap_err();
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
     assert!(
         matches!(
             err,
@@ -189,12 +302,12 @@ fn absurd_manifest_values_are_errors() {
         m["state"]["sha256"] = "".into();
     });
     assert!(matches!(
-        validate(&dir, None),
+        validate(&dir, SCHEMA, None),
         Err(TemplateError::SizeMismatch { .. })
     ));
     edit_manifest(&dir, |m| m["memory"]["size_bytes"] = (-1).into());
     assert!(matches!(
-        validate(&dir, None),
+        validate(&dir, SCHEMA, None),
         Err(TemplateError::ManifestJson { .. })
     ));
 }
@@ -204,8 +317,9 @@ fn missing_files_are_named() {
     for name in ["memory", "state"] {
         let (_tmp, dir) = scratch();
         build(&dir, &[0; 4096], 1);
+        unseal(&dir);
         fs::remove_file(dir.join(name)).unwrap();
-        let err = validate(&dir, None).unwrap_err();
+        let err = validate(&dir, SCHEMA, None).unwrap_err();
         assert!(matches!(err, TemplateError::MissingFile { .. }), "{err}");
         assert_names(&err, &dir.join(name));
     }
@@ -215,8 +329,9 @@ fn missing_files_are_named() {
 fn memory_size_mismatch_says_expected_and_actual() {
     let (_tmp, dir) = scratch();
     build(&dir, &[0; 4096], 1);
+    unseal(&dir);
     fs::write(dir.join("memory"), [0u8; 8192]).unwrap();
-    let err = validate(&dir, None).unwrap_err();
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
     assert!(
         matches!(
             err,
@@ -239,7 +354,7 @@ fn state_sha256_mismatch_names_the_state_file() {
     build(&dir, &[0; 4096], 1);
     // Another valid state of the same size: only the hash can tell.
     state::write_state(dir.join("state"), &vm_state(2)).unwrap();
-    let err = validate(&dir, None).unwrap_err();
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
     assert!(
         matches!(err, TemplateError::ChecksumMismatch { .. }),
         "{err}"
@@ -257,7 +372,7 @@ fn invalid_state_header_is_reported_even_if_the_manifest_vouches_for_it() {
         m["state"]["size_bytes"] = garbage.len().into();
         m["state"]["sha256"] = durable::sha256_hex(&garbage).into();
     });
-    let err = validate(&dir, None).unwrap_err();
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
     assert!(
         matches!(err, TemplateError::State(StateError::BadMagic { .. })),
         "{err}"
@@ -269,11 +384,12 @@ fn invalid_state_header_is_reported_even_if_the_manifest_vouches_for_it() {
 fn full_validation_catches_same_size_memory_changes() {
     let (_tmp, dir) = scratch();
     build(&dir, &[0; 4096], 1);
+    unseal(&dir);
     let mut ram = vec![0u8; 4096];
     ram[100] = 1;
     fs::write(dir.join("memory"), &ram).unwrap();
-    validate(&dir, None).unwrap();
-    let err = validate_full(&dir, None).unwrap_err();
+    validate(&dir, SCHEMA, None).unwrap();
+    let err = validate_full(&dir, SCHEMA, None).unwrap_err();
     assert!(
         matches!(err, TemplateError::ChecksumMismatch { .. }),
         "{err}"
@@ -296,7 +412,7 @@ fn config_mismatch_names_the_field() {
     for (field, change) in cases {
         let mut requested = config();
         change(&mut requested);
-        let err = validate(&dir, Some(&requested)).unwrap_err();
+        let err = validate(&dir, SCHEMA, Some(&requested)).unwrap_err();
         match &err {
             TemplateError::ConfigMismatch { mismatch, .. } => assert_eq!(mismatch.field, field),
             other => panic!("expected a config mismatch on {field}, got {other}"),
@@ -361,9 +477,9 @@ fn crash_before_the_manifest_rename_never_leaves_a_valid_template() {
     for step in steps {
         let (_tmp, dir) = scratch();
         prepare(TemplateWriter::create(&dir), &[3; 4096], 1)
-            .commit_through(&config(), "", step)
+            .commit_through(&config(), SCHEMA, "", step)
             .unwrap();
-        let err = validate_full(&dir, None).unwrap_err();
+        let err = validate_full(&dir, SCHEMA, None).unwrap_err();
         assert!(
             matches!(err, TemplateError::Incomplete { .. }),
             "{step:?}: {err}"
@@ -372,31 +488,46 @@ fn crash_before_the_manifest_rename_never_leaves_a_valid_template() {
     // The manifest rename is the commit point.
     let (_tmp, dir) = scratch();
     prepare(TemplateWriter::create(&dir), &[3; 4096], 1)
-        .commit_through(&config(), "", CommitStep::RenameManifest)
+        .commit_through(&config(), SCHEMA, "", CommitStep::RenameManifest)
         .unwrap();
-    validate_full(&dir, Some(&config())).unwrap();
+    validate_full(&dir, SCHEMA, Some(&config())).unwrap();
 }
 
 #[test]
-fn crash_while_overwriting_never_leaves_a_valid_template() {
+fn a_replacement_that_never_commits_leaves_the_old_template_valid() {
     let steps = [
         CommitStep::SyncMemory,
         CommitStep::RenameMemory,
         CommitStep::RenameState,
         CommitStep::WriteManifest,
+        CommitStep::RenameManifest,
     ];
     for step in steps {
         let (_tmp, dir) = scratch();
-        build(&dir, &[1; 4096], 1);
+        let old = build(&dir, &[1; 4096], 1);
         prepare(TemplateWriter::create_overwrite(&dir), &[2; 8192], 2)
-            .commit_through(&config(), "", step)
+            .commit_through(&config(), SCHEMA, "", step)
             .unwrap();
-        let err = validate_full(&dir, None).unwrap_err();
-        assert!(
-            matches!(err, TemplateError::Incomplete { .. }),
-            "{step:?}: {err}"
+        let template = validate_full(&dir, SCHEMA, None).unwrap();
+        assert_eq!(template.manifest(), &old, "{step:?}");
+        assert_eq!(template.read_state::<VmState>().unwrap(), vm_state(1));
+        assert_eq!(fs::read(template.memory_path()).unwrap(), vec![1u8; 4096]);
+        assert_eq!(
+            siblings(&dir),
+            ["template"],
+            "{step:?}: staging left behind"
         );
     }
+}
+
+/// Names in the directory holding `dir`.
+fn siblings(dir: &Path) -> Vec<String> {
+    let mut names: Vec<_> = fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -407,7 +538,7 @@ fn crash_before_commit_leaves_no_manifest_and_a_rebuild_starts_clean() {
     writer.write_state(&vm_state(1)).unwrap();
     drop(writer);
     assert!(matches!(
-        validate(&dir, None),
+        validate(&dir, SCHEMA, None),
         Err(TemplateError::Incomplete { .. })
     ));
 
@@ -423,17 +554,17 @@ fn crash_before_commit_leaves_no_manifest_and_a_rebuild_starts_clean() {
 fn commit_requires_memory_and_state() {
     let (_tmp, dir) = scratch();
     let writer = TemplateWriter::create(&dir).unwrap();
-    let err = writer.commit(&config(), "").unwrap_err();
+    let err = writer.commit(&config(), SCHEMA, "").unwrap_err();
     assert!(matches!(err, TemplateError::MissingFile { .. }), "{err}");
     assert_names(&err, &dir.join("memory.partial"));
 
     let writer = TemplateWriter::create(&dir).unwrap();
     fs::write(writer.memory_path(), [0u8; 4096]).unwrap();
-    let err = writer.commit(&config(), "").unwrap_err();
+    let err = writer.commit(&config(), SCHEMA, "").unwrap_err();
     assert!(matches!(err, TemplateError::MissingFile { .. }), "{err}");
     assert_names(&err, &dir.join("state.partial"));
     assert!(matches!(
-        validate(&dir, None),
+        validate(&dir, SCHEMA, None),
         Err(TemplateError::Incomplete { .. })
     ));
 }
@@ -444,21 +575,35 @@ fn overwrite_semantics() {
     build(&dir, &[1; 4096], 1);
     let err = TemplateWriter::create(&dir).unwrap_err();
     assert!(matches!(err, TemplateError::AlreadyExists { .. }), "{err}");
-    validate(&dir, None).unwrap();
+    let old = validate(&dir, SCHEMA, None).unwrap();
 
     let writer = TemplateWriter::create_overwrite(&dir).unwrap();
-    // Invalid from the moment the rewrite starts, before any file changes.
-    assert!(matches!(
-        validate(&dir, None),
-        Err(TemplateError::Incomplete { .. })
-    ));
-    assert!(dir.join("memory").exists() && dir.join("state").exists());
+    assert_eq!(writer.dir(), dir.as_path());
+    // The old template stays valid while the new one is built beside it.
+    validate(&dir, SCHEMA, None).unwrap();
+    assert!(!writer.memory_path().starts_with(&dir));
     let writer = prepare(Ok(writer), &[2; 8192], 2);
-    let manifest = writer.commit(&config(), "second").unwrap();
-    let template = validate_full(&dir, Some(&config())).unwrap();
+    validate(&dir, SCHEMA, None).unwrap();
+    let manifest = writer.commit(&config(), SCHEMA, "second").unwrap();
+    let template = validate_full(&dir, SCHEMA, Some(&config())).unwrap();
     assert_eq!(template.manifest(), &manifest);
     assert_eq!(template.read_state::<VmState>().unwrap(), vm_state(2));
     assert_eq!(fs::read(template.memory_path()).unwrap(), vec![2u8; 8192]);
+    assert_eq!(
+        siblings(&dir),
+        ["template"],
+        "the old template was not removed"
+    );
+
+    // A handle opened before the swap keeps its own memory and state.
+    let mut old_ram = Vec::new();
+    old.memory_file()
+        .as_ref()
+        .read_to_end(&mut old_ram)
+        .unwrap();
+    assert_eq!(old_ram, vec![1u8; 4096]);
+    assert_eq!(old.read_state::<VmState>().unwrap(), vm_state(1));
+    old.check_memory_unchanged().unwrap();
 }
 
 #[test]
@@ -470,20 +615,157 @@ fn writer_refuses_a_file_as_directory() {
         Err(TemplateError::NotADirectory { .. })
     ));
     assert!(matches!(
-        validate(&dir, None),
+        validate(&dir, SCHEMA, None),
         Err(TemplateError::NotADirectory { .. })
     ));
 }
 
 #[test]
-fn read_state_rechecks_the_manifest_hash() {
+fn an_open_template_decodes_the_state_it_checked() {
     let (_tmp, dir) = scratch();
     build(&dir, &[0; 4096], 1);
-    let template = Template::open(&dir).unwrap();
+    let template = Template::open(&dir, SCHEMA).unwrap();
     state::write_state(dir.join("state"), &vm_state(5)).unwrap();
-    let err = template.read_state::<VmState>().unwrap_err();
+    // The file on disk changed; the open template still holds what it checked...
+    assert_eq!(template.read_state::<VmState>().unwrap(), vm_state(1));
+    // ...and opening it again sees the change.
+    let err = Template::open(&dir, SCHEMA).unwrap_err();
     assert!(
         matches!(err, TemplateError::ChecksumMismatch { .. }),
+        "{err}"
+    );
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn committed_memory_is_read_only_and_sealed() {
+    let (_tmp, dir) = scratch();
+    let manifest = build(&dir, &[4; 4096], 1);
+    let meta = fs::metadata(dir.join("memory")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, MEMORY_FILE_MODE);
+    let file = File::open(dir.join("memory")).unwrap();
+    assert_eq!(manifest.memory.immutable, fsfile::is_immutable(&file));
+    if is_root() {
+        // Root has CAP_LINUX_IMMUTABLE and ext4/tmpfs keep the flag.
+        assert!(manifest.memory.immutable);
+        let err = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("memory"))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+        assert!(fs::remove_file(dir.join("memory")).is_err());
+    }
+    // remove() unseals it first.
+    remove(&dir).unwrap();
+    assert!(!dir.exists());
+}
+
+#[test]
+fn an_unsealed_template_says_so_and_changes_are_caught() {
+    if !is_root() {
+        return;
+    }
+    let (_tmp, dir) = scratch();
+    build(&dir, &[4; 4096], 1);
+    let template = Template::open(&dir, SCHEMA).unwrap();
+    assert!(template.memory_sealed());
+    let file = File::open(dir.join("memory")).unwrap();
+    fsfile::set_immutable(&file, false).unwrap();
+    assert!(!validate(&dir, SCHEMA, None).unwrap().memory_sealed());
+    // Same bytes written over it: the open template notices.
+    template.check_memory_unchanged().unwrap();
+    fs::write(dir.join("memory"), [4u8; 4096]).unwrap();
+    let err = template.check_memory_unchanged().unwrap_err();
+    assert!(matches!(err, TemplateError::MemoryChanged { .. }), "{err}");
+    assert_names(&err, &dir.join("memory"));
+}
+
+#[test]
+fn template_memory_is_refused_for_writing() {
+    let (tmp, dir) = scratch();
+    build(&dir, &[4; 4096], 1);
+    let err = refuse_template_memory(&dir.join("memory")).unwrap_err();
+    assert!(matches!(err, TemplateError::TemplateMemory { .. }), "{err}");
+    assert_names(&err, &dir.join("memory"));
+    // Other files, and files that do not exist yet, are fine.
+    refuse_template_memory(&dir.join("state")).unwrap();
+    refuse_template_memory(&tmp.tmp.as_path().join("ram")).unwrap();
+    // A hard link to an unsealed template's memory is still its memory.
+    if is_root() {
+        let file = File::open(dir.join("memory")).unwrap();
+        fsfile::set_immutable(&file, false).unwrap();
+    }
+    fs::hard_link(dir.join("memory"), dir.join("ram")).unwrap();
+    assert!(refuse_template_memory(&dir.join("ram")).is_err());
+    fs::remove_file(dir.join("ram")).unwrap();
+}
+
+#[test]
+fn the_manifest_digest_catches_a_change_of_any_field() {
+    let (_tmp, dir) = scratch();
+    let manifest = build(&dir, &[0; 4096], 1);
+    assert_eq!(manifest.digest, manifest.compute_digest());
+    assert_eq!(manifest.digest.len(), 64);
+    validate(&dir, SCHEMA, None)
+        .unwrap()
+        .check_manifest_digest()
+        .unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [Edit; 4] = [
+        |m| m["config"]["cmdline"] = "console=ttyS0 quieu".into(),
+        |m| m["config"]["kernel"]["sha256"] = format!("{}aa", "ab".repeat(31)).into(),
+        |m| m["notes"] = "built by a tesu".into(),
+        |m| m["digest"] = "00".repeat(32).into(),
+    ];
+    let original = fs::read(dir.join("manifest")).unwrap();
+    for edit in edits {
+        fs::write(dir.join("manifest"), &original).unwrap();
+        edit_manifest(&dir, edit);
+        // The files still match, so validation passes; the digest does not.
+        let template = validate(&dir, SCHEMA, None).unwrap();
+        let err = template.check_manifest_digest().unwrap_err();
+        assert!(matches!(err, TemplateError::ManifestDigest { .. }), "{err}");
+        assert_names(&err, &dir.join("manifest"));
+    }
+}
+
+#[test]
+fn remove_refuses_a_directory_that_is_not_a_template() {
+    let (_tmp, dir) = scratch();
+    build(&dir, &[0; 4096], 1);
+    fs::write(dir.join("notes.txt"), b"mine").unwrap();
+    let err = remove(&dir).unwrap_err();
+    assert!(
+        matches!(&err, TemplateError::NotATemplate { entry, .. } if entry == "notes.txt"),
+        "{err}"
+    );
+    // Untouched: still a valid template.
+    validate(&dir, SCHEMA, None).unwrap();
+    fs::remove_file(dir.join("notes.txt")).unwrap();
+    remove(&dir).unwrap();
+    assert!(!dir.exists());
+}
+
+#[test]
+fn an_absurd_state_size_is_refused_before_reading() {
+    let (_tmp, dir) = scratch();
+    build(&dir, &[0; 4096], 1);
+    edit_manifest(&dir, |m| {
+        m["state"]["size_bytes"] = (MAX_STATE_BYTES + 1).into()
+    });
+    let err = validate(&dir, SCHEMA, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TemplateError::BadManifestValue {
+                field: "state.size_bytes",
+                ..
+            }
+        ),
         "{err}"
     );
 }
@@ -496,7 +778,7 @@ fn remove_deletes_the_manifest_first_and_is_idempotent() {
     assert!(!dir.exists());
     remove(&dir).unwrap();
     assert!(matches!(
-        validate(&dir, None),
+        validate(&dir, SCHEMA, None),
         Err(TemplateError::MissingDir { .. })
     ));
 }
@@ -510,10 +792,10 @@ fn corrupting_any_state_byte_is_rejected() {
         let mut corrupt = original.clone();
         corrupt[i] ^= 0x5a;
         fs::write(dir.join("state"), &corrupt).unwrap();
-        assert!(validate(&dir, None).is_err(), "byte {i}");
+        assert!(validate(&dir, SCHEMA, None).is_err(), "byte {i}");
     }
     for len in 0..original.len() {
         fs::write(dir.join("state"), &original[..len]).unwrap();
-        assert!(validate(&dir, None).is_err(), "length {len}");
+        assert!(validate(&dir, SCHEMA, None).is_err(), "length {len}");
     }
 }

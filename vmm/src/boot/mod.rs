@@ -95,6 +95,21 @@ impl KernelImage {
     }
 }
 
+/// How the VMM enters a guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EntryProtocol {
+    /// minivmm's entry: identity map of `IDENTITY_MAP_GIB` GiB (U/S set),
+    /// CR4 PAE | OSFXSR | OSXMMEXCPT, and the guest's "minivmm" notes
+    /// honoured (every vCPU at the entry, PVM native mode).
+    #[default]
+    Minivmm,
+    /// Only what the Linux 64-bit boot protocol promises, as Firecracker
+    /// enters a guest: identity map of the first GiB, CR4 = PAE, CPL 0, the
+    /// BSP only, notes ignored (`regs::configure_minimal_linux_entry`). For
+    /// tests that a guest relies on nothing more.
+    LinuxMinimal,
+}
+
 /// How the VMM brings up application processors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ApStart {
@@ -357,13 +372,27 @@ pub fn minivmm_notes(elf: &[u8]) -> Vec<u32> {
     found
 }
 
-/// Write the GDT, page tables, command line and zero page into guest memory.
+impl LoadedKernel {
+    /// What of the guest's requests `protocol` honours: the minimal Linux
+    /// entry starts only the BSP, at CPL 0.
+    pub fn under(mut self, protocol: EntryProtocol) -> LoadedKernel {
+        if protocol == EntryProtocol::LinuxMinimal {
+            self.ap_start = ApStart::WaitForSipi;
+            self.pvm_native = false;
+        }
+        self
+    }
+}
+
+/// Write the GDT, page tables (those of `protocol`), command line and zero
+/// page into guest memory.
 pub fn write_boot_structures(
     mem: &GuestMemoryMmap,
     ram_bytes: u64,
     kernel: &LoadedKernel,
     cmdline: &str,
     extras: params::BootExtras,
+    protocol: EntryProtocol,
 ) -> Result<(), BootError> {
     let max = params::cmdline_limit(kernel.header.as_ref());
     if cmdline.len() + 1 > max {
@@ -382,7 +411,11 @@ pub fn write_boot_structures(
             mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64)),
         )?;
     }
-    for page in paging::identity_tables() {
+    let tables = match protocol {
+        EntryProtocol::Minivmm => paging::identity_tables(),
+        EntryProtocol::LinuxMinimal => paging::minimal_identity_tables(),
+    };
+    for page in tables {
         for (i, e) in page.entries.iter().enumerate() {
             write(
                 "page tables",

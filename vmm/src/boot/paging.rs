@@ -23,20 +23,34 @@ pub struct TablePage {
 
 /// The page-table pages that identity-map the first `IDENTITY_MAP_GIB` GiB.
 pub fn identity_tables() -> Vec<TablePage> {
+    identity_tables_of(IDENTITY_MAP_GIB, PTE_USER)
+}
+
+/// The page-table pages of the minimal Linux entry (`EntryProtocol::
+/// LinuxMinimal`): the first GiB only and no U/S bit, as Firecracker builds
+/// them.
+pub fn minimal_identity_tables() -> Vec<TablePage> {
+    identity_tables_of(1, 0)
+}
+
+/// Identity tables over the first `gib` GiB (at most `IDENTITY_MAP_GIB`),
+/// with `extra` flag bits at every level.
+fn identity_tables_of(gib: u64, extra: u64) -> Vec<TablePage> {
+    let gib = gib.min(IDENTITY_MAP_GIB);
     let mut pml4 = Box::new([0u64; ENTRIES]);
-    pml4[0] = PDPT_START | PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+    pml4[0] = PDPT_START | PTE_PRESENT | PTE_WRITABLE | extra;
     let mut pdpt = Box::new([0u64; ENTRIES]);
     let mut pages = Vec::new();
-    for gib in 0..IDENTITY_MAP_GIB {
+    for gib in 0..gib {
         let pd_addr = PD_START + gib * 4096;
-        pdpt[gib as usize] = pd_addr | PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+        pdpt[gib as usize] = pd_addr | PTE_PRESENT | PTE_WRITABLE | extra;
         let mut pd = Box::new([0u64; ENTRIES]);
         for (i, e) in pd.iter_mut().enumerate() {
             *e = (gib << 30)
                 | ((i as u64) << 21)
                 | PTE_PRESENT
                 | PTE_WRITABLE
-                | PTE_USER
+                | extra
                 | PTE_PAGE_SIZE;
         }
         pages.push(TablePage {
@@ -94,6 +108,20 @@ mod tests {
         }
         assert_eq!(translate(&t, 16 << 30), None);
         assert_eq!(translate(&t, 0xffff_8000_0000_0000), None);
+    }
+
+    #[test]
+    fn minimal_tables_map_only_the_first_gib_for_the_supervisor() {
+        let t = minimal_identity_tables();
+        assert_eq!(translate(&t, ZERO_PAGE_START), Some(ZERO_PAGE_START));
+        assert_eq!(translate(&t, (1 << 30) - 1), Some((1 << 30) - 1));
+        assert_eq!(translate(&t, 1 << 30), None);
+        assert_eq!(translate(&t, IOAPIC_START), None);
+        for p in &t {
+            for e in p.entries.iter().filter(|e| **e & PTE_PRESENT != 0) {
+                assert_eq!(e & PTE_USER, 0, "table at {:#x}", p.addr);
+            }
+        }
     }
 
     #[test]

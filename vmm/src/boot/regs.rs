@@ -205,6 +205,39 @@ pub fn configure_64bit_entry(
     ioctl(id, "KVM_SET_MP_STATE", fd.set_mp_state(runnable))
 }
 
+/// CR0.PE | CR0.PG: all the minimal Linux entry adds to KVM's reset CR0.
+const CR0_PE_PG: u64 = 0x8000_0001;
+/// CR4.PAE, the only CR4 bit of the minimal Linux entry.
+pub const MINIMAL_CR4: u64 = 0x20;
+/// EFER.LME | EFER.LMA, the minimal Linux entry's EFER.
+const MINIMAL_EFER: u64 = 0x500;
+
+/// Put the BSP at `entry` with only what the Linux 64-bit boot protocol
+/// promises, the way Firecracker enters a guest (`EntryProtocol::
+/// LinuxMinimal`): CPL 0, CR0 = KVM's reset value | PE | PG (no MP, NE or WP),
+/// CR4 = PAE (no OSFXSR: SSE is the guest's to enable), EFER = LME | LMA, the
+/// minimal tables (`paging::minimal_identity_tables`), RSI = zero page.
+pub fn configure_minimal_linux_entry(fd: &VcpuFd, id: u32, entry: u64) -> Result<(), RegsError> {
+    let mut sregs = ioctl(id, "KVM_GET_SREGS", fd.get_sregs())?;
+    let data = gdt::segment_from_gdt(gdt::GDT[3], 3);
+    sregs.cs = gdt::segment_from_gdt(gdt::GDT[2], 2);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = GDT_START;
+    sregs.gdt.limit = (gdt::GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 |= CR0_PE_PG;
+    sregs.cr3 = PML4_START;
+    sregs.cr4 = MINIMAL_CR4;
+    sregs.efer = MINIMAL_EFER;
+    ioctl(id, "KVM_SET_SREGS", fd.set_sregs(&sregs))?;
+    ioctl(id, "KVM_SET_REGS", fd.set_regs(&boot_regs(entry, id)))
+}
+
 /// Write the delivery mode of a LAPIC LVT register in a KVM LAPIC page.
 fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
     let mut bytes = [0u8; 4];

@@ -90,6 +90,10 @@ pub(super) struct Connection {
     pub registered: Option<EventSet>,
     /// Whether it sits in the muxer's queue of connections with packets for the guest.
     pub in_rx_queue: bool,
+    /// A host client opened it (`CONNECT`), so it holds a slot in the guest's listener.
+    pub host_initiated: bool,
+    /// Last time either side moved it (for evicting the idlest one).
+    pub last_active: Instant,
 
     send_request: bool,
     send_response: bool,
@@ -122,6 +126,8 @@ impl Connection {
             deadline: None,
             registered: None,
             in_rx_queue: false,
+            host_initiated: false,
+            last_active: Instant::now(),
             send_request: false,
             send_response: false,
             send_credit_update: false,
@@ -169,6 +175,8 @@ impl Connection {
         self.peer_port = peer_port;
         self.send_request = true;
         self.deadline = None;
+        self.host_initiated = true;
+        self.last_active = Instant::now();
     }
 
     /// Read what is available of the host's `CONNECT <port>\n` line, one byte

@@ -15,12 +15,16 @@ mod muxer;
 pub mod packet;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
 use std::io::{Read, Write};
 use std::num::Wrapping;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -37,7 +41,7 @@ use super::{
 };
 
 pub use self::connection::{CONN_BUF_ALLOC, CONN_TIMEOUT};
-pub use self::muxer::{HOST_PORT_BASE, MAX_CONNECTIONS};
+pub use self::muxer::{HOST_PORT_BASE, MAX_CONNECTIONS, MAX_HOST_CONNECTIONS};
 
 /// Index of the rx queue (virtio 1.2 §5.10.2).
 pub const RX_QUEUE: usize = 0;
@@ -101,6 +105,50 @@ pub struct Vsock {
     /// rx and event work independently, and a connection it accepted before
     /// handling the reset would be torn down by it.
     reset_unacked_at: Option<Wrapping<u16>>,
+    watch: ConnectionWatch,
+}
+
+/// The number of open connections of a vsock device, published after every
+/// pass of its event handler, for the host to wait on (with a deadline).
+#[derive(Clone, Default)]
+pub struct ConnectionWatch {
+    inner: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl ConnectionWatch {
+    fn publish(&self, count: usize) {
+        let (lock, cond) = &*self.inner;
+        let mut c = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if *c != count {
+            *c = count;
+            cond.notify_all();
+        }
+    }
+
+    /// Wait until no connection is open, or `timeout` passes; returns the
+    /// number still open (0: idle).
+    pub fn wait_idle(&self, timeout: Duration) -> usize {
+        self.wait_until(|n| n == 0, timeout)
+    }
+
+    /// Wait until the number of open connections satisfies `pred`, or
+    /// `timeout` passes; returns the last number published.
+    pub fn wait_until(&self, pred: impl Fn(usize) -> bool, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.inner;
+        let mut c = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !pred(*c) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            c = cond
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *c
+    }
 }
 
 impl Vsock {
@@ -127,6 +175,7 @@ impl Vsock {
             buf: vec![0; MAX_PKT_PAYLOAD],
             reset_event_pending: false,
             reset_unacked_at: None,
+            watch: ConnectionWatch::default(),
         })
     }
 
@@ -153,12 +202,18 @@ impl Vsock {
         self.muxer.connection_count()
     }
 
+    /// A handle to wait for the device's connections to be gone.
+    pub fn connection_watch(&self) -> ConnectionWatch {
+        self.watch.clone()
+    }
+
     /// Drop every connection and tell the guest with a
     /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET event (virtio 1.2 §5.10.6.8), e.g.
     /// after a snapshot restore. Delivered as soon as the guest has an event
     /// buffer available.
     pub fn send_transport_reset(&mut self) {
         self.muxer.drop_connections();
+        self.watch.publish(0);
         self.reset_event_pending = true;
         if self.process_event_queue() {
             self.signal_used();
@@ -206,7 +261,7 @@ impl Vsock {
                 Err(e) => tracing::debug!(vm = %self.vm_id, "vsock: bad tx chain {head}: {e}"),
             }
             if let Err(e) = queue.add_used(&active.mem, head, 0) {
-                tracing::warn!(vm = %self.vm_id, "vsock: tx used ring: {e}");
+                crate::warn_limited!(vm = %self.vm_id, "vsock: tx used ring: {e}");
                 break;
             }
             used += 1;
@@ -262,7 +317,7 @@ impl Vsock {
                         tracing::debug!(vm = %self.vm_id, "vsock: bad rx chain {head}: {e}");
                     }
                     if let Err(e) = queue.add_used(&active.mem, head, 0) {
-                        tracing::warn!(vm = %self.vm_id, "vsock: rx used ring: {e}");
+                        crate::warn_limited!(vm = %self.vm_id, "vsock: rx used ring: {e}");
                         break;
                     }
                     used += 1;
@@ -278,10 +333,10 @@ impl Vsock {
                 .write_all(&hdr.to_bytes())
                 .and_then(|()| writer.write_all(&self.buf[..len]));
             if let Err(e) = written {
-                tracing::warn!(vm = %self.vm_id, "vsock: writing an rx packet: {e}");
+                crate::warn_limited!(vm = %self.vm_id, "vsock: writing an rx packet: {e}");
             }
             if let Err(e) = queue.add_used(&active.mem, head, writer.bytes_written() as u32) {
-                tracing::warn!(vm = %self.vm_id, "vsock: rx used ring: {e}");
+                crate::warn_limited!(vm = %self.vm_id, "vsock: rx used ring: {e}");
                 break;
             }
             used += 1;
@@ -318,7 +373,7 @@ impl Vsock {
             };
             let len = if delivered { 4 } else { 0 };
             if let Err(e) = queue.add_used(&active.mem, head, len) {
-                tracing::warn!(vm = %self.vm_id, "vsock: event used ring: {e}");
+                crate::warn_limited!(vm = %self.vm_id, "vsock: event used ring: {e}");
                 break;
             }
             used += 1;
@@ -446,6 +501,7 @@ impl MutEventSubscriber for Vsock {
             },
         }
         if self.active.is_none() {
+            self.watch.publish(self.muxer.connection_count());
             return;
         }
         // Every pass does all the work: guest packets first (they may owe
@@ -456,6 +512,7 @@ impl MutEventSubscriber for Vsock {
         if notify {
             self.signal_used();
         }
+        self.watch.publish(self.muxer.connection_count());
     }
 
     fn init(&mut self, ops: &mut EventOps) {

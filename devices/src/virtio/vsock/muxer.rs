@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,6 +24,11 @@ use super::packet::{op, PacketHeader, HOST_CID, TYPE_STREAM};
 /// Most simultaneous connections (including host clients that have not sent
 /// their `CONNECT` line yet); more are refused.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most host-initiated connections into the guest at once. Beyond it, the
+/// least recently active one is reset to make room, so idle host clients can
+/// never fill the guest's listeners (the test guest's agent takes 32) and
+/// lock the agent out.
+pub const MAX_HOST_CONNECTIONS: usize = 16;
 /// First host-side port given to host-initiated connections.
 pub const HOST_PORT_BASE: u32 = 1 << 30;
 /// Most RSTs for unknown connections waiting for a guest rx buffer; beyond
@@ -40,6 +46,8 @@ pub(super) struct Muxer {
     vm_id: String,
     guest_cid: u64,
     uds_path: PathBuf,
+    /// (device, inode) of the socket we bound: only that file is ours to unlink.
+    socket_identity: (u64, u64),
     listener: UnixListener,
     listening: bool,
     epoll: Epoll,
@@ -57,10 +65,10 @@ pub(super) struct Muxer {
 }
 
 impl Muxer {
-    /// Bind the listener at `uds_path` (which must not exist).
+    /// Bind the listener at `uds_path`. A stale socket there (nobody
+    /// listening) is replaced; a live one, or anything that is not a socket,
+    /// is refused with `AddrInUse`, never unlinked. Nothing is left bound on error.
     pub fn new(vm_id: &str, guest_cid: u64, uds_path: &Path) -> io::Result<Self> {
-        let listener = UnixListener::bind(uds_path)?;
-        listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         let timer = TimerFd::new()?;
         set_nonblocking(timer.as_raw_fd())?;
@@ -69,10 +77,22 @@ impl Muxer {
             timer.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_TIMER),
         )?;
+        let listener = bind_unless_live(uds_path)?;
+        let identity = match listener
+            .set_nonblocking(true)
+            .and_then(|()| std::fs::symlink_metadata(uds_path))
+        {
+            Ok(m) => (m.dev(), m.ino()),
+            Err(e) => {
+                let _ = std::fs::remove_file(uds_path);
+                return Err(e);
+            }
+        };
         Ok(Muxer {
             vm_id: vm_id.to_owned(),
             guest_cid,
             uds_path: uds_path.to_owned(),
+            socket_identity: identity,
             listener,
             listening: false,
             epoll,
@@ -165,7 +185,7 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.conns.len() >= MAX_CONNECTIONS {
-                        tracing::warn!(vm = %self.vm_id, "vsock: {MAX_CONNECTIONS} connections open; refusing a host client");
+                        crate::warn_limited!(vm = %self.vm_id, "vsock: {MAX_CONNECTIONS} connections open; refusing a host client");
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
@@ -198,6 +218,7 @@ impl Muxer {
                 }
                 ConnectLine::Port(peer_port) => match self.alloc_host_port(peer_port) {
                     Some(local_port) => {
+                        self.make_room_for_host_connection();
                         if let Some(conn) = self.conns.get_mut(&token) {
                             conn.start_host_initiated(local_port, peer_port);
                             self.by_ports.insert((local_port, peer_port), token);
@@ -211,6 +232,7 @@ impl Muxer {
             }
             return;
         }
+        conn.last_active = Instant::now();
         if let Err(e) = conn.on_host_event(events) {
             tracing::debug!(vm = %self.vm_id, "vsock: connection {}:{}: {e}", conn.local_port, conn.peer_port);
             self.reset(token);
@@ -251,6 +273,7 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
+        conn.last_active = Instant::now();
         conn.update_peer_credit(hdr);
         let result = match hdr.op {
             op::RESPONSE if conn.state == ConnState::LocalInit => {
@@ -271,6 +294,28 @@ impl Muxer {
         };
         if let Err(e) = result {
             tracing::debug!(vm = %self.vm_id, "vsock: connection {}:{} op {}: {e}", hdr.dst_port, hdr.src_port, hdr.op);
+            self.reset(token);
+        }
+    }
+
+    /// Keep host-initiated connections under [`MAX_HOST_CONNECTIONS`] before
+    /// another one starts: reset the least recently active (the guest gets an
+    /// RST ahead of the new REQUEST and frees its slot).
+    fn make_room_for_host_connection(&mut self) {
+        let open: Vec<(u64, Instant)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.host_initiated)
+            .map(|(&t, c)| (t, c.last_active))
+            .collect();
+        if open.len() < MAX_HOST_CONNECTIONS {
+            return;
+        }
+        let mut by_age = open;
+        by_age.sort_by_key(|&(t, at)| (at, t));
+        let excess = by_age.len() + 1 - MAX_HOST_CONNECTIONS;
+        for &(token, _) in by_age.iter().take(excess) {
+            crate::warn_limited!(vm = %self.vm_id, "vsock: {MAX_HOST_CONNECTIONS} host connections open; resetting the idlest");
             self.reset(token);
         }
     }
@@ -302,7 +347,7 @@ impl Muxer {
     /// The guest asked to connect to host port `hdr.dst_port`.
     fn guest_connect(&mut self, hdr: &PacketHeader) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!(vm = %self.vm_id, "vsock: {MAX_CONNECTIONS} connections open; refusing the guest");
+            crate::warn_limited!(vm = %self.vm_id, "vsock: {MAX_CONNECTIONS} connections open; refusing the guest");
             self.reject_packet(hdr);
             return;
         }
@@ -512,8 +557,42 @@ impl Muxer {
 
 impl Drop for Muxer {
     fn drop(&mut self) {
-        // The listener's path is ours: do not leave a dead socket behind.
-        let _ = std::fs::remove_file(&self.uds_path);
+        // Do not leave our dead socket behind, but never unlink a socket
+        // someone else has bound at the path since.
+        if let Ok(m) = std::fs::symlink_metadata(&self.uds_path) {
+            if (m.dev(), m.ino()) == self.socket_identity {
+                let _ = std::fs::remove_file(&self.uds_path);
+            }
+        }
+    }
+}
+
+/// Bind a listener at `path`; replace a stale socket (connecting to it is
+/// refused), refuse a live one or a non-socket with `AddrInUse`.
+fn bind_unless_live(path: &Path) -> io::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let meta = std::fs::symlink_metadata(path)?;
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "the path exists and is not a socket",
+                ));
+            }
+            match UnixStream::connect(path) {
+                Ok(_) => Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket",
+                )),
+                Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
+                    // Left by a process that is gone: ours to replace.
+                    std::fs::remove_file(path)?;
+                    UnixListener::bind(path)
+                }
+                Err(_) => Err(e),
+            }
+        }
+        other => other,
     }
 }
 

@@ -613,3 +613,65 @@ fn device_reset_drops_connections_and_stops_listening() {
     v.send(v.hdr(op::RESPONSE, 1024, h.src_port, 0), &[]);
     assert_eq!(read_line(&mut early), format!("OK {}", h.src_port));
 }
+
+#[test]
+fn idle_host_connections_cannot_lock_out_a_new_client() {
+    let mut v = VsockGuest::new();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_HOST_CONNECTIONS {
+        idle.push(v.establish_host(1024));
+    }
+    assert_eq!(v.connections(), MAX_HOST_CONNECTIONS);
+    // One more client: the idlest (the first) is reset before its REQUEST,
+    // so the guest frees a slot first.
+    let mut host = v.host_client();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    v.expect_rst(idle[0].1, 1024);
+    let (h, _) = v.recv();
+    assert_eq!((h.op, h.dst_port), (op::REQUEST, 1024));
+    v.send(v.hdr(op::RESPONSE, 1024, h.src_port, 0), &[]);
+    assert_eq!(read_line(&mut host), format!("OK {}", h.src_port));
+    assert_closed(&mut idle[0].0);
+    assert_eq!(v.connections(), MAX_HOST_CONNECTIONS);
+    // The others were left alone.
+    idle[1].0.write_all(b"x").unwrap();
+    let (h, data) = v.recv();
+    assert_eq!(
+        (h.op, h.src_port, data.as_slice()),
+        (op::RW, idle[1].1, b"x".as_slice())
+    );
+}
+
+#[test]
+fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
+    let dir = TempDir::new_with_prefix("/tmp/minivmm-vsock-").unwrap();
+    let path = dir.as_path().join("v.sock");
+    let first = Vsock::new("first", CID, &path).unwrap();
+    // A second device at the same path is refused; the first keeps its socket.
+    let err = Vsock::new("second", CID, &path).err().expect("second bind");
+    assert!(
+        err.to_string().contains("another process is listening"),
+        "{err}"
+    );
+    assert!(UnixStream::connect(&path).is_ok());
+    drop(first);
+    assert!(!path.exists(), "the device removes its own socket");
+    // A stale socket (its listener is gone, the file stayed) is replaced.
+    let stale = UnixListener::bind(&path).unwrap();
+    drop(stale);
+    assert!(path.exists());
+    let dev = Vsock::new("third", CID, &path).unwrap();
+    assert!(UnixStream::connect(&path).is_ok());
+    // Someone else's socket at our path (ours was unlinked behind our back)
+    // survives our drop.
+    std::fs::remove_file(&path).unwrap();
+    let theirs = UnixListener::bind(&path).unwrap();
+    drop(dev);
+    assert!(path.exists(), "a socket that is not ours was unlinked");
+    drop(theirs);
+    // A regular file is not a socket: refused, left alone.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, b"data").unwrap();
+    assert!(Vsock::new("fourth", CID, &path).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"data");
+}

@@ -300,22 +300,23 @@ impl<T> Drop for SplitQueue<T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::vec;
 
     /// A descriptor as the device sees it: address, length, flags.
-    type DeviceDesc = (u64, u32, u16);
+    pub(crate) type DeviceDesc = (u64, u32, u16);
 
     /// The device's side, reading and writing the rings like a device would.
-    struct FakeDevice {
-        last_avail: u16,
-        used_idx: u16,
+    #[derive(Default)]
+    pub(crate) struct FakeDevice {
+        pub(crate) last_avail: u16,
+        pub(crate) used_idx: u16,
     }
 
     impl FakeDevice {
         /// Takes the next available chain: its descriptors (addr, len, flags).
-        fn take<T>(&mut self, q: &SplitQueue<T>) -> Option<(u16, Vec<DeviceDesc>)> {
+        pub(crate) fn take<T>(&mut self, q: &SplitQueue<T>) -> Option<(u16, Vec<DeviceDesc>)> {
             let (desc, avail, _) = q.addresses();
             unsafe {
                 let idx = ptr::read_volatile((avail + 2) as *const u16);
@@ -343,7 +344,8 @@ mod tests {
             }
         }
 
-        fn give_back<T>(&mut self, q: &SplitQueue<T>, head: u16, len: u32) {
+        /// Returns chain `head` as used, `len` bytes written.
+        pub(crate) fn give_back<T>(&mut self, q: &SplitQueue<T>, head: u16, len: u32) {
             let (_, _, used) = q.addresses();
             unsafe {
                 let slot = u64::from(self.used_idx % q.size);

@@ -9,7 +9,10 @@
 //! notification is a costly exit to the VMM.
 //! tx: every packet is one device-readable buffer (header and payload
 //! together), freed when the device is done with it. event: a few 4-byte
-//! `virtio_vsock_event` buffers, reposted after each event.
+//! `virtio_vsock_event` buffers, reposted after each event and then the
+//! device notified (unless it asked not to be), as Linux's driver does: a
+//! device may hold host-to-guest traffic after a transport reset until the
+//! driver has given its event buffers back (Firecracker 1.16 does).
 
 use alloc::boxed::Box;
 use alloc::vec;
@@ -127,20 +130,21 @@ impl VsockDevice {
         n
     }
 
-    /// Reads the event queue and reposts its buffers.
+    /// Reads the event queue, reposts its buffers and notifies the device
+    /// of them (events are rare: the exit costs nothing that matters).
     pub fn poll_events(&mut self) -> Events {
         let mut events = Events::default();
-        let mut ran_dry = false;
+        let mut reposted = false;
         while let Some(used) = self.event.pop_used() {
-            ran_dry |= self.event.outstanding() == 0;
             let buf = used.token;
             if used.len >= 4 && u32::from_le_bytes(*buf) == EVENT_TRANSPORT_RESET {
                 events.transport_reset = true;
             }
             let chain = writable(&buf[..]);
             let _ = self.event.push(&chain, buf);
+            reposted = true;
         }
-        if ran_dry && self.event.needs_notification() {
+        if reposted && self.event.needs_notification() {
             self.mmio.notify(EVENT_QUEUE);
         }
         events
@@ -172,5 +176,66 @@ impl VsockDevice {
                 self.mmio.notify(TX_QUEUE);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::queue::tests::FakeDevice;
+
+    /// QueueNotify as an index into a window of u32 registers.
+    const NOTIFY_WORD: usize = 0x50 / 4;
+
+    #[test]
+    fn event_buffers_reposted_after_an_event_are_notified() {
+        // Host memory standing in for the register window: what the driver
+        // writes stays there to be read back.
+        let mut window = vec![u32::MAX; 0x40];
+        // SAFETY: the window covers every register `poll_events` writes.
+        let mmio = unsafe { MmioDevice::new(window.as_mut_ptr() as u64, 5) };
+        let mut dev = VsockDevice {
+            mmio,
+            rx: SplitQueue::new(4),
+            tx: SplitQueue::new(4),
+            event: SplitQueue::new(EVENT_BUFFERS),
+            tx_pushed: false,
+        };
+        for _ in 0..EVENT_BUFFERS {
+            let buf = Box::new([0u8; 4]);
+            dev.event.push(&writable(&buf[..]), buf).unwrap();
+        }
+        let mut device = FakeDevice::default();
+        for _ in 0..EVENT_BUFFERS {
+            assert!(device.take(&dev.event).is_some());
+        }
+        assert!(device.take(&dev.event).is_none());
+
+        // One transport reset, with the other buffers still posted: Linux
+        // notifies after the repost all the same, and so must we.
+        let head = 1;
+        let (desc, _, _) = dev.event.addresses();
+        // SAFETY: descriptor `head` of the table points at a live 4-byte buffer.
+        unsafe {
+            let addr = core::ptr::read_volatile((desc + 16 * head) as *const u64);
+            core::ptr::write_volatile(addr as *mut u32, EVENT_TRANSPORT_RESET.to_le());
+        }
+        device.give_back(&dev.event, head as u16, 4);
+        assert!(dev.poll_events().transport_reset);
+        // SAFETY: reads back the window the driver wrote.
+        let notified = unsafe { core::ptr::read_volatile(window.as_ptr().add(NOTIFY_WORD)) };
+        assert_eq!(notified, u32::from(EVENT_QUEUE), "event queue not notified");
+        assert!(
+            device.take(&dev.event).is_some(),
+            "event buffer not reposted"
+        );
+
+        // Nothing used: nothing reposted, no notification.
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(window.as_mut_ptr().add(NOTIFY_WORD), u32::MAX) };
+        assert!(!dev.poll_events().transport_reset);
+        // SAFETY: as above.
+        let notified = unsafe { core::ptr::read_volatile(window.as_ptr().add(NOTIFY_WORD)) };
+        assert_eq!(notified, u32::MAX);
     }
 }
