@@ -47,4 +47,28 @@ pub enum FactoryError {
     /// The kernel image could not be read.
     #[error(transparent)]
     Kernel(#[from] vmm::boot::BootError),
+    /// The request differs from the template in a field a clone cannot
+    /// change (reported instead of falling back when fallback is off).
+    #[error("the request does not match the template: {0}")]
+    Mismatch(#[from] snapshot::ConfigMismatch),
+    /// The request needs a bigger clone than the template, and growing a
+    /// clone is not available.
+    #[error("growing a clone is not supported: vCPUs {} -> {}, memory {} -> {} MiB", vcpus.0, vcpus.1, mem_mib.0, mem_mib.1)]
+    UnsupportedGrowth {
+        /// Template and requested vCPUs.
+        vcpus: (u32, u32),
+        /// Template and requested memory in MiB.
+        mem_mib: (u64, u64),
+    },
+    /// The template is missing, corrupt or cannot be cloned.
+    #[error("template {dir} is unusable: {reason}")]
+    TemplateUnusable {
+        /// The template directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The factory was closed.
+    #[error("the factory is closed")]
+    Closed,
 }

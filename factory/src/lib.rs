@@ -3,16 +3,28 @@
 //! clones that map it MAP_PRIVATE, restore the saved state, and are made
 //! distinct machines (fresh entropy, host wall clock) before anyone uses them.
 
+pub mod cache;
 pub mod clone;
+pub mod config;
+pub mod direct;
 pub mod error;
+pub mod ready;
+pub mod request;
 pub mod spec;
 pub mod template;
+pub mod template_factory;
 pub mod tmpfs;
 
+pub use cache::{CacheFactory, CacheStatus};
 pub use clone::{CloneOptions, CloneTimings, ClonedVm, TemplateHandle};
+pub use config::{ConfigError, FactoryConfig};
+pub use direct::DirectFactory;
 pub use error::FactoryError;
+pub use ready::{FallbackReason, Machine, ReadyVm, Step, VmSource};
+pub use request::{check_config, Growth, VmRequest};
 pub use spec::GuestSpec;
 pub use template::{create_template, CreateOptions};
+pub use template_factory::TemplateFactory;
 
 use std::time::Duration;
 
@@ -20,3 +32,12 @@ use std::time::Duration;
 pub const AGENT_CALL_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline for a cold-booted guest to become ready.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Hands out ready VMs (Kata's `FactoryBase`): running, agent answering,
+/// RNG reseeded and clock set when cloned.
+pub trait Factory: Send + Sync {
+    /// A VM ready for `request`.
+    fn get_vm(&self, request: &VmRequest) -> Result<ReadyVm, FactoryError>;
+    /// Release what the factory holds (background builds, cached VMs).
+    fn close(&self);
+}
