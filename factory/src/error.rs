@@ -50,7 +50,7 @@ pub enum FactoryError {
     /// The request differs from the template in a field a clone cannot
     /// change (reported instead of falling back when fallback is off).
     #[error("the request does not match the template: {0}")]
-    Mismatch(#[from] snapshot::ConfigMismatch),
+    Mismatch(snapshot::ConfigMismatch),
     /// The request needs a bigger clone than the template, and growing a
     /// clone is not available.
     #[error("growing a clone is not supported: vCPUs {} -> {}, memory {} -> {} MiB", vcpus.0, vcpus.1, mem_mib.0, mem_mib.1)]

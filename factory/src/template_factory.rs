@@ -54,7 +54,7 @@ impl TemplateFactory {
                 reason: e.clone(),
             })?;
         let base = &handle.template().manifest().config;
-        let growth = check_config(base, request.config())?;
+        let growth = check_config(base, request.config()).map_err(FactoryError::Mismatch)?;
         if !growth.is_none() {
             // Growing a clone (vCPU hot-add, virtio-mem) is not wired here yet.
             return Err(FactoryError::UnsupportedGrowth {
