@@ -10,26 +10,19 @@ use agent_protocol::{
     AgentClient, CheckRequest, GetGuestTimeRequest, GuestDetailsRequest, ReadRandomRequest,
     SetGuestDateTimeRequest, AGENT_VSOCK_PORT,
 };
-use e2e::{temp_path, testguest, DEADLINE, READY_LINE};
-use vmm::console::ConsoleLines;
-use vmm::{MemoryBackend, Vm, VmConfig};
+use e2e::{temp_path, testguest, DEADLINE};
+use factory::{DirectFactory, GuestSpec, ReadyVm, VmRequest};
 
 const CALL: Duration = Duration::from_secs(10);
 /// SetGuestDateTime then GetGuestTime: the guest clock counts from the value
 /// set; allow for the round trips and the guest timer's granularity.
 const CLOCK_TOLERANCE: Duration = Duration::from_millis(500);
 
+/// A test guest booted by the direct factory (boot to the agent's Check);
+/// dropping it stops the VM and removes its socket.
 struct AgentVm {
-    vm: Vm,
+    ready: ReadyVm,
     socket: PathBuf,
-    _console: ConsoleLines,
-}
-
-impl Drop for AgentVm {
-    fn drop(&mut self) {
-        self.vm.stop();
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }
 
 fn boot_with_agent(name: &str, cmdline: &str) -> AgentVm {
@@ -38,33 +31,21 @@ fn boot_with_agent(name: &str, cmdline: &str) -> AgentVm {
 
 fn boot_with_agent_mode(name: &str, cmdline: &str, allow_pvm_native: bool) -> AgentVm {
     let socket = temp_path(&format!("{name}.vsock"));
-    let _ = std::fs::remove_file(&socket);
-    let console = ConsoleLines::new();
-    let mut vm = Vm::create(VmConfig {
-        id: name.into(),
+    let mut request = VmRequest::new(GuestSpec {
         vcpus: 1,
         mem_mib: 128,
-        memory: MemoryBackend::Anonymous,
         kernel: testguest(),
         cmdline: cmdline.into(),
-        console: Box::new(console.tap(Box::new(std::io::sink()))),
-        virtio: vmm::VirtioConfig {
-            rng: true,
-            vsock: Some(socket.clone()),
-            fs: Vec::new(),
-        },
-        allow_pvm_native,
     })
-    .expect("create VM");
-    vm.start().expect("start");
-    if console.wait_for(READY_LINE, 0, DEADLINE).is_none() {
-        panic!("no ready line; console: {:?}", console.lines());
-    }
-    AgentVm {
-        vm,
-        socket,
-        _console: console,
-    }
+    .expect("request");
+    request.id = Some(name.into());
+    request.vsock = Some(socket.clone());
+    let factory = DirectFactory {
+        allow_pvm_native,
+        ..DirectFactory::default()
+    };
+    let ready = factory.boot(&request).expect("boot to the agent's Check");
+    AgentVm { ready, socket }
 }
 
 fn connect(v: &AgentVm) -> AgentClient {
@@ -94,7 +75,7 @@ fn guest_runs_in_pvm_native_mode_on_pvm() {
     let d = connect(&v)
         .get_guest_details(&GuestDetailsRequest::default(), CALL)
         .unwrap();
-    assert_eq!(d.pvm, v.vm.flavour() == vmm::Flavour::Pvm);
+    assert_eq!(d.pvm, v.ready.vm().flavour() == vmm::Flavour::Pvm);
 }
 
 #[test]
