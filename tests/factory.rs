@@ -69,7 +69,11 @@ fn template_factory_clones_a_match_and_falls_back_on_another_cmdline() {
     assert_eq!(same.source, VmSource::Template);
     assert!(matches!(same.machine, Machine::Clone(_)));
     assert!(same.fallback.is_none());
-    assert!(same.step("restore").is_some() && same.step("reseed+clock+check").is_some());
+    let names: Vec<&str> = same.steps.iter().map(|s| s.name).collect();
+    assert_eq!(
+        names,
+        ["restore", "resume", "connect", "reseed", "clock", "check"]
+    );
     assert_answers(&mut same);
 
     let mut other = f

@@ -50,6 +50,14 @@ pub struct CloneTimings {
     pub resume: Duration,
     /// Agent connected, RNG reseeded, clock set, health check answered.
     pub ready: Duration,
+    /// Of `ready`: the agent connection.
+    pub connect: Duration,
+    /// Of `ready`: ReseedRandomDev with fresh host entropy.
+    pub reseed: Duration,
+    /// Of `ready`: SetGuestDateTime to the host's wall clock.
+    pub clock: Duration,
+    /// Of `ready`: the agent's Check.
+    pub check: Duration,
 }
 
 /// A clone, running, with its agent connected.
@@ -106,7 +114,8 @@ impl TemplateHandle {
         let restore = t0.elapsed();
         vm.start()?;
         let resume = t0.elapsed() - restore;
-        let agent = match ready(&vsock) {
+        let mut steps = ReadySteps::default();
+        let agent = match ready(&vsock, &mut steps) {
             Ok(agent) => agent,
             Err(e) => {
                 vm.stop();
@@ -124,6 +133,10 @@ impl TemplateHandle {
                 restore,
                 resume,
                 ready,
+                connect: steps.connect,
+                reseed: steps.reseed,
+                clock: steps.clock,
+                check: steps.check,
             },
         })
     }
@@ -140,10 +153,22 @@ pub fn host_wall_clock() -> SetGuestDateTimeRequest {
     }
 }
 
+/// How long each step of [`ready`] took.
+#[derive(Default)]
+struct ReadySteps {
+    connect: Duration,
+    reseed: Duration,
+    clock: Duration,
+    check: Duration,
+}
+
 /// Connect to a freshly resumed clone's agent and make it its own machine.
-fn ready(vsock: &Path) -> Result<AgentClient, FactoryError> {
+fn ready(vsock: &Path, steps: &mut ReadySteps) -> Result<AgentClient, FactoryError> {
+    let t = Instant::now();
     let mut agent =
         AgentClient::connect_hybrid_vsock(vsock, AGENT_VSOCK_PORT, AGENT_CALL_DEADLINE)?;
+    steps.connect = t.elapsed();
+    let t = Instant::now();
     let mut data = vec![0u8; RESEED_BYTES];
     host_entropy(&mut data).map_err(|source| FactoryError::Host {
         what: "getrandom for",
@@ -151,7 +176,12 @@ fn ready(vsock: &Path) -> Result<AgentClient, FactoryError> {
         source,
     })?;
     agent.reseed_random_dev(&ReseedRandomDevRequest { data }, AGENT_CALL_DEADLINE)?;
+    steps.reseed = t.elapsed();
+    let t = Instant::now();
     agent.set_guest_date_time(&host_wall_clock(), AGENT_CALL_DEADLINE)?;
+    steps.clock = t.elapsed();
+    let t = Instant::now();
     agent.check(&CheckRequest::default(), AGENT_CALL_DEADLINE)?;
+    steps.check = t.elapsed();
     Ok(agent)
 }

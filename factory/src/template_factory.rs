@@ -89,8 +89,20 @@ impl TemplateFactory {
                     took: t.resume,
                 },
                 Step {
-                    name: "reseed+clock+check",
-                    took: t.ready,
+                    name: "connect",
+                    took: t.connect,
+                },
+                Step {
+                    name: "reseed",
+                    took: t.reseed,
+                },
+                Step {
+                    name: "clock",
+                    took: t.clock,
+                },
+                Step {
+                    name: "check",
+                    took: t.check,
                 },
             ],
             total: t0.elapsed(),
