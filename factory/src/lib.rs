@@ -16,7 +16,7 @@ pub mod template_factory;
 pub mod tmpfs;
 
 pub use cache::{CacheFactory, CacheStatus};
-pub use clone::{CloneOptions, CloneTimings, ClonedVm, TemplateHandle};
+pub use clone::{CloneOptions, CloneTimings, ClonedVm, GrowTimings, TemplateHandle};
 pub use config::{ConfigError, FactoryConfig};
 pub use direct::DirectFactory;
 pub use error::FactoryError;

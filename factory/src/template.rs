@@ -121,6 +121,8 @@ pub fn create_template(
             rng: true,
             vsock: Some(socket.clone()),
             fs: opts.fs.clone(),
+            // Room for the clones to grow into (virtio-mem, nothing plugged).
+            mem: Some(vmm::virtio::DEFAULT_HOTPLUG_BYTES),
         },
         allow_pvm_native: true,
     })?;

@@ -200,6 +200,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             rng: args.rng || args.vsock.is_some(),
             vsock: args.vsock,
             fs: daemons.fs_config(),
+            mem: None,
         },
         allow_pvm_native: !args.no_pvm_native,
     })?;

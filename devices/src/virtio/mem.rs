@@ -104,7 +104,8 @@ unsafe impl Sync for MemRegion {}
 impl MemRegion {
     /// Map `size` bytes of anonymous memory for guest-physical `addr`.
     pub fn new(addr: u64, size: u64) -> Result<Self, MemError> {
-        if size == 0 || size % MEM_BLOCK_SIZE != 0 || addr % MEM_BLOCK_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(MEM_BLOCK_SIZE) || !addr.is_multiple_of(MEM_BLOCK_SIZE)
+        {
             return Err(MemError::Unaligned { addr, size });
         }
         let len = usize::try_from(size).map_err(|_| MemError::Unaligned { addr, size })?;
@@ -264,7 +265,9 @@ impl Mem {
                 dev.plugged.len()
             )));
         }
-        if state.requested_size > state.region_size || state.requested_size % MEM_BLOCK_SIZE != 0 {
+        if state.requested_size > state.region_size
+            || !state.requested_size.is_multiple_of(MEM_BLOCK_SIZE)
+        {
             return Err(MemError::State(format!(
                 "requested size {:#x}",
                 state.requested_size
@@ -305,7 +308,7 @@ impl Mem {
     /// Ask the guest to have `bytes` plugged (a multiple of the block size,
     /// at most the region) and tell it with a configuration-change interrupt.
     pub fn set_requested_size(&mut self, bytes: u64) -> Result<(), MemError> {
-        if bytes > self.region.size() || bytes % MEM_BLOCK_SIZE != 0 {
+        if bytes > self.region.size() || !bytes.is_multiple_of(MEM_BLOCK_SIZE) {
             return Err(MemError::Requested {
                 requested: bytes,
                 region: self.region.size(),
@@ -335,7 +338,7 @@ impl Mem {
     /// The block range of a request, if it is aligned, non-empty and inside
     /// the usable region.
     fn blocks(&self, addr: u64, nb_blocks: u64) -> Option<std::ops::Range<usize>> {
-        if nb_blocks == 0 || addr % MEM_BLOCK_SIZE != 0 {
+        if nb_blocks == 0 || !addr.is_multiple_of(MEM_BLOCK_SIZE) {
             return None;
         }
         let first = addr.checked_sub(self.region.addr())? / MEM_BLOCK_SIZE;
@@ -409,10 +412,7 @@ impl Mem {
         let mem = active.mem.clone();
         let mut served = 0u16;
         let mut any = false;
-        loop {
-            let Some(chain) = self.queues[0].pop_descriptor_chain(&mem) else {
-                break;
-            };
+        while let Some(chain) = self.queues[0].pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let len = self.serve(&mem, chain).unwrap_or_else(|e| {
                 tracing::debug!(vm = %self.vm_id, "virtio-mem request {head}: {e}");
