@@ -216,16 +216,20 @@ impl ClonedVm {
         }
         let added_vcpus = t0.elapsed();
         let want_vcpus = vcpus.max(have_vcpus);
-        let want_bytes = mem_mib.max(ram_mib) << 20;
+        // 0: memory is left alone (the guest's own count of its RAM is a
+        // little below the VM's, see below).
+        let want_bytes = if mem_mib > ram_mib { mem_mib << 20 } else { 0 };
         // The guest counts RAM as its e820 map has it (without the legacy
         // hole below 1 MiB): plug what it lacks by its own count.
-        let shown = self
-            .agent
-            .get_guest_details(&GuestDetailsRequest::default(), AGENT_CALL_DEADLINE)?
-            .memory_bytes;
-        if want_bytes > shown {
-            let extra = (want_bytes - shown).next_multiple_of(devices::virtio::MEM_BLOCK_SIZE);
-            self.vm.grow_memory(self.vm.plugged_memory() + extra)?;
+        if mem_mib > ram_mib {
+            let shown = self
+                .agent
+                .get_guest_details(&GuestDetailsRequest::default(), AGENT_CALL_DEADLINE)?
+                .memory_bytes;
+            if want_bytes > shown {
+                let extra = (want_bytes - shown).next_multiple_of(devices::virtio::MEM_BLOCK_SIZE);
+                self.vm.grow_memory(self.vm.plugged_memory() + extra)?;
+            }
         }
         let asked_memory = t0.elapsed();
         let deadline = Instant::now() + GROW_DEADLINE;
