@@ -102,6 +102,22 @@ fn template_factory_clones_a_match_and_falls_back_on_another_cmdline() {
         strict.get_vm(&request("")).expect("clone").source,
         VmSource::Template
     );
+
+    // A corrupt template (its state overwritten) is not cloned: fallback.
+    let state = f.handle().expect("valid template").template().state_path();
+    let mut bytes = std::fs::read(&state).expect("read state");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&state, &bytes).expect("corrupt state");
+    let corrupt = TemplateFactory::open(&t.0, DirectFactory::default(), false);
+    assert!(corrupt.handle().is_err());
+    let vm = corrupt.get_vm(&request("")).expect("direct boot");
+    assert_eq!(vm.source, VmSource::Direct);
+    assert!(
+        matches!(&vm.fallback, Some(FallbackReason::Template(_))),
+        "{:?}",
+        vm.fallback
+    );
 }
 
 #[test]
