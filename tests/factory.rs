@@ -121,6 +121,25 @@ fn template_factory_clones_a_match_and_falls_back_on_another_cmdline() {
 }
 
 #[test]
+fn a_bigger_request_gets_a_grown_clone() {
+    let t = TestTemplate::build("factory-grow");
+    let f = TemplateFactory::open(&t.0, DirectFactory::default(), true);
+    let req = VmRequest::new(GuestSpec::testguest(2, 512)).expect("request");
+    let mut vm = f.get_vm(&req).expect("grown clone");
+    assert_eq!(vm.source, VmSource::Template);
+    assert!(vm.fallback.is_none());
+    for step in ["add_vcpus", "add_memory", "online"] {
+        assert!(vm.step(step).is_some(), "no {step} step: {:?}", vm.steps);
+    }
+    let d = vm
+        .agent()
+        .get_guest_details(&GuestDetailsRequest::default(), CALL)
+        .expect("guest details");
+    assert_eq!(d.online_vcpus, 2);
+    assert!(d.memory_bytes >= 512 << 20, "{}", d.memory_bytes);
+}
+
+#[test]
 fn missing_template_falls_back_and_no_fallback_reports_it() {
     let dir = PathBuf::from("/dev/shm/minivmm-e2e-no-such-template");
     let f = TemplateFactory::open(&dir, DirectFactory::default(), false);

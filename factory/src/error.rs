@@ -51,14 +51,16 @@ pub enum FactoryError {
     /// change (reported instead of falling back when fallback is off).
     #[error("the request does not match the template: {0}")]
     Mismatch(snapshot::ConfigMismatch),
-    /// The request needs a bigger clone than the template, and growing a
-    /// clone is not available.
-    #[error("growing a clone is not supported: vCPUs {} -> {}, memory {} -> {} MiB", vcpus.0, vcpus.1, mem_mib.0, mem_mib.1)]
-    UnsupportedGrowth {
-        /// Template and requested vCPUs.
-        vcpus: (u32, u32),
-        /// Template and requested memory in MiB.
-        mem_mib: (u64, u64),
+    /// Growing a clone to the requested vCPUs and memory failed (the
+    /// template is fine: this is not a reason to fall back).
+    #[error("growing the clone to {vcpus} vCPUs, {mem_mib} MiB: {source}")]
+    Grow {
+        /// Requested vCPUs.
+        vcpus: u32,
+        /// Requested memory in MiB.
+        mem_mib: u64,
+        /// Why.
+        source: Box<FactoryError>,
     },
     /// The template is missing, corrupt or cannot be cloned.
     #[error("template {dir} is unusable: {reason}")]

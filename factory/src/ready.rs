@@ -63,7 +63,7 @@ pub enum Machine {
 /// One timed step of getting a VM ready.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Step {
-    /// What the step did (`restore`, `resume`, `connect`, `reseed`, `clock`, `check`, `boot`, `agent`, `take`).
+    /// What the step did (`restore`, `resume`, `connect`, `reseed`, `clock`, `check`, `add_vcpus`, `add_memory`, `online`, `boot`, `agent`, `take`).
     pub name: &'static str,
     /// How long it took.
     pub took: Duration,

@@ -55,13 +55,6 @@ impl TemplateFactory {
             })?;
         let base = &handle.template().manifest().config;
         let growth = check_config(base, request.config()).map_err(FactoryError::Mismatch)?;
-        if !growth.is_none() {
-            // Growing a clone (vCPU hot-add, virtio-mem) is not wired here yet.
-            return Err(FactoryError::UnsupportedGrowth {
-                vcpus: (base.vcpus, request.config().vcpus),
-                mem_mib: (base.mem_mib, request.config().mem_mib),
-            });
-        }
         if !handle.template().memory_path().exists() {
             return Err(FactoryError::TemplateUnusable {
                 dir: self.dir.clone(),
@@ -69,42 +62,69 @@ impl TemplateFactory {
             });
         }
         let t0 = Instant::now();
-        let clone = handle.clone_vm(CloneOptions {
+        let mut clone = handle.clone_vm(CloneOptions {
             id: request.id.clone(),
             vsock: request.vsock.clone(),
             fs: Vec::new(),
         })?;
         let t = clone.timings;
+        let grown = if growth.is_none() {
+            None
+        } else {
+            let (vcpus, mem_mib) = (request.config().vcpus, request.config().mem_mib);
+            Some(clone.grow(vcpus, mem_mib).map_err(|e| FactoryError::Grow {
+                vcpus,
+                mem_mib,
+                source: Box::new(e),
+            })?)
+        };
+        let mut steps = vec![
+            Step {
+                name: "restore",
+                took: t.restore,
+            },
+            Step {
+                name: "resume",
+                took: t.resume,
+            },
+            Step {
+                name: "connect",
+                took: t.connect,
+            },
+            Step {
+                name: "reseed",
+                took: t.reseed,
+            },
+            Step {
+                name: "clock",
+                took: t.clock,
+            },
+            Step {
+                name: "check",
+                took: t.check,
+            },
+        ];
+        if let Some(g) = grown {
+            steps.extend([
+                Step {
+                    name: "add_vcpus",
+                    took: g.vcpus,
+                },
+                Step {
+                    name: "add_memory",
+                    took: g.memory,
+                },
+                Step {
+                    name: "online",
+                    took: g.online,
+                },
+            ]);
+        }
         Ok(ReadyVm {
             machine: Machine::Clone(clone),
             source: VmSource::Template,
             fallback: None,
-            steps: vec![
-                Step {
-                    name: "restore",
-                    took: t.restore,
-                },
-                Step {
-                    name: "resume",
-                    took: t.resume,
-                },
-                Step {
-                    name: "connect",
-                    took: t.connect,
-                },
-                Step {
-                    name: "reseed",
-                    took: t.reseed,
-                },
-                Step {
-                    name: "clock",
-                    took: t.clock,
-                },
-                Step {
-                    name: "check",
-                    took: t.check,
-                },
-            ],
+            steps,
             total: t0.elapsed(),
         })
     }
@@ -129,7 +149,7 @@ impl Factory for TemplateFactory {
         };
         let reason = match err {
             FactoryError::Mismatch(m) => FallbackReason::Mismatch(m),
-            FactoryError::UnsupportedGrowth { .. } => return Err(err),
+            FactoryError::Grow { .. } => return Err(err),
             other => FallbackReason::Template(other.to_string()),
         };
         if self.no_fallback {
