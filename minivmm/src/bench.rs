@@ -66,7 +66,8 @@ pub enum BenchCommand {
     },
     /// The factory's get_vm for one guest, in one run: taken from a cache
     /// factory (filled in the background first), cloned from the template,
-    /// and booted directly.
+    /// and booted directly; then the cost of growing a clone by one vCPU and
+    /// by 256 MiB.
     Factory {
         /// Template directory (default: build a temporary one on /dev/shm).
         #[arg(long)]
@@ -445,9 +446,43 @@ struct FactoryReport {
     template: Stats,
     /// get_vm from the direct factory (cold boot to the agent's Check).
     direct: Stats,
-    /// Growing a clone (vCPU add, memory add): not measured, as this build
-    /// cannot grow a clone yet.
-    growth: Option<()>,
+    /// Growing a clone, on top of its get_vm.
+    growth: GrowthReport,
+}
+
+#[derive(Serialize)]
+struct GrowthReport {
+    vcpu_add_p50_us: f64,
+    memory_add_p50_us: f64,
+    /// One more vCPU: creating and starting it, until the guest shows it online.
+    vcpu_add: Stats,
+    /// 256 MiB more through virtio-mem, until the guest shows it online.
+    memory_add_mib: u64,
+    memory_add: Stats,
+}
+
+/// MiB added per memory-growth sample.
+const GROW_MEM_MIB: u64 = 256;
+
+/// `count` grown clones of `request` grown per `grown`; the named steps' sums.
+fn time_growth(
+    f: &dyn factory::Factory,
+    grown: &factory::VmRequest,
+    count: usize,
+    steps: &[&str],
+) -> Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let vm = f.get_vm(grown)?;
+        let mut sum = Duration::ZERO;
+        for s in steps {
+            sum += vm
+                .step(s)
+                .ok_or_else(|| anyhow::anyhow!("the grown VM has no {s} step"))?;
+        }
+        out.push(sum);
+    }
+    Ok(out)
 }
 
 /// `count` get_vm calls on `f`, each VM dropped after; their latencies.
@@ -515,6 +550,27 @@ fn bench_factory(
         drop(template.get_vm(&request)?);
         let templ = time_get_vm(template.as_ref(), &request, count, VmSource::Template)?;
         let direct = time_get_vm(&DirectFactory::default(), &request, count, VmSource::Direct)?;
+        let base = request.spec();
+        let more_vcpus = VmRequest::new(factory::GuestSpec {
+            vcpus: base.vcpus + 1,
+            ..base.clone()
+        })?;
+        let more_memory = VmRequest::new(factory::GuestSpec {
+            mem_mib: base.mem_mib + GROW_MEM_MIB,
+            ..base.clone()
+        })?;
+        let vcpu_add = time_growth(
+            template.as_ref(),
+            &more_vcpus,
+            count,
+            &["add_vcpus", "online"],
+        )?;
+        let memory_add = time_growth(
+            template.as_ref(),
+            &more_memory,
+            count,
+            &["add_memory", "online"],
+        )?;
         let as_factory: Arc<dyn Factory> = template.clone();
         let cache = CacheFactory::new(as_factory.clone(), as_factory, request.clone(), count);
         let (status, full) = cache.wait_status(READY_TIMEOUT * 4, |s| s.ready == count);
@@ -534,12 +590,19 @@ fn bench_factory(
         }
         cache.close();
         drop(taken);
-        Ok((request.spec().mem_mib, cached, templ, direct))
+        Ok((
+            request.spec().mem_mib,
+            cached,
+            templ,
+            direct,
+            vcpu_add,
+            memory_add,
+        ))
     })();
     if owned {
         let _ = snapshot::template::remove(&dir);
     }
-    let (mem_mib, cached, templ, direct) = result?;
+    let (mem_mib, cached, templ, direct, vcpu_add, memory_add) = result?;
     let report = FactoryReport {
         benchmark: "factory",
         flavour: vmm::Flavour::detect(),
@@ -551,7 +614,13 @@ fn bench_factory(
         cache: Stats::of(&cached),
         template: Stats::of(&templ),
         direct: Stats::of(&direct),
-        growth: None,
+        growth: GrowthReport {
+            vcpu_add_p50_us: Stats::of(&vcpu_add).p50_us,
+            memory_add_p50_us: Stats::of(&memory_add).p50_us,
+            vcpu_add: Stats::of(&vcpu_add),
+            memory_add_mib: GROW_MEM_MIB,
+            memory_add: Stats::of(&memory_add),
+        },
     };
     if !json {
         println!(
@@ -568,7 +637,15 @@ fn bench_factory(
                 name, s.p50_us, s.p99_us, s.max_us
             );
         }
-        println!("growth (vCPU, memory add): not measured, clones cannot grow in this build");
+        for (name, s) in [
+            ("grow: +1 vCPU", &report.growth.vcpu_add),
+            ("grow: +256 MiB", &report.growth.memory_add),
+        ] {
+            println!(
+                "{:<18} {:>10.0} {:>10.0} {:>10.0}",
+                name, s.p50_us, s.p99_us, s.max_us
+            );
+        }
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
