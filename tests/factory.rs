@@ -190,6 +190,26 @@ fn cache_of_four_serves_refills_and_survives_a_removed_template() {
     assert_eq!(s.taken, 4);
     assert!(s.last_error.is_none(), "{s:?}");
 
+    // A bigger request takes a cached clone and grows it.
+    let mut grown = cache
+        .get_vm(&VmRequest::new(GuestSpec::testguest(2, MEM_MIB + 128)).expect("request"))
+        .expect("grown take");
+    assert_eq!(grown.source, VmSource::Cache);
+    assert!(grown.step("add_vcpus").is_some(), "{:?}", grown.steps);
+    let d = grown
+        .agent()
+        .get_guest_details(&GuestDetailsRequest::default(), CALL)
+        .expect("details");
+    assert_eq!(d.online_vcpus, 2);
+    assert!(
+        d.memory_bytes >= (MEM_MIB + 128) << 20,
+        "{}",
+        d.memory_bytes
+    );
+    drop(grown);
+    let (s, refilled) = cache.wait_status(CACHE_DEADLINE, |s| s.ready == 4 && s.built >= 9);
+    assert!(refilled, "cache did not refill after the grown take: {s:?}");
+
     // A request the cache does not hold goes to the fallback factory.
     let other = cache.get_vm(&request("factory_test=other")).expect("other");
     assert_eq!(other.source, VmSource::Direct);

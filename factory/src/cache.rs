@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::ready::{ReadyVm, Step, VmSource};
+use crate::ready::{grow_steps, Machine, ReadyVm, Step, VmSource};
 use crate::request::check_config;
 use crate::{Factory, FactoryError, VmRequest};
 
@@ -187,30 +187,46 @@ fn fill(shared: &Shared, source: &dyn Factory, base: &VmRequest) {
 }
 
 impl Factory for CacheFactory {
-    /// A cached VM when the request is the cache's base and one is ready;
-    /// otherwise the fallback factory on the caller's thread.
+    /// A cached VM when the request is the cache's base, or a bigger one a
+    /// cached clone grows into, and one is ready; otherwise the fallback
+    /// factory on the caller's thread.
     fn get_vm(&self, request: &VmRequest) -> Result<ReadyVm, FactoryError> {
         let t0 = Instant::now();
-        let same = request.id.is_none()
-            && request.vsock.is_none()
-            && check_config(self.base.config(), request.config())
-                .is_ok_and(|growth| growth.is_none());
-        if same {
+        let growth = match check_config(self.base.config(), request.config()) {
+            Ok(g) if request.id.is_none() && request.vsock.is_none() => Some(g),
+            _ => None,
+        };
+        if let Some(growth) = growth {
             let mut s = lock(&self.shared);
             if s.status.closed {
                 return Err(FactoryError::Closed);
             }
-            if let Some(mut vm) = s.ready.pop_front() {
+            // Only a clone can grow memory (its template has the virtio-mem region).
+            let growable =
+                |vm: &ReadyVm| growth.is_none() || matches!(vm.machine, Machine::Clone(_));
+            if let Some(i) = s.ready.iter().position(growable) {
+                let mut vm = s.ready.remove(i).expect("index from position");
                 s.status.ready = s.ready.len();
                 s.status.taken += 1;
                 self.shared.changed.notify_all();
                 drop(s);
                 vm.source = VmSource::Cache;
-                vm.total = t0.elapsed();
-                vm.steps.push(Step {
+                vm.steps = vec![Step {
                     name: "take",
-                    took: vm.total,
-                });
+                    took: t0.elapsed(),
+                }];
+                if let Machine::Clone(clone) = &mut vm.machine {
+                    if !growth.is_none() {
+                        let (vcpus, mem_mib) = (request.config().vcpus, request.config().mem_mib);
+                        let g = clone.grow(vcpus, mem_mib).map_err(|e| FactoryError::Grow {
+                            vcpus,
+                            mem_mib,
+                            source: Box::new(e),
+                        })?;
+                        vm.steps.extend(grow_steps(&g));
+                    }
+                }
+                vm.total = t0.elapsed();
                 return Ok(vm);
             }
         }

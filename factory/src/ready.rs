@@ -9,6 +9,7 @@ use snapshot::ConfigMismatch;
 use vmm::console::ConsoleLines;
 use vmm::Vm;
 
+use crate::clone::GrowTimings;
 use crate::direct::BootedVm;
 use crate::ClonedVm;
 
@@ -121,4 +122,22 @@ impl ReadyVm {
     pub fn step(&self, name: &str) -> Option<Duration> {
         self.steps.iter().find(|s| s.name == name).map(|s| s.took)
     }
+}
+
+/// The steps of growing a clone, as get_vm reports them.
+pub fn grow_steps(g: &GrowTimings) -> [Step; 3] {
+    [
+        Step {
+            name: "add_vcpus",
+            took: g.vcpus,
+        },
+        Step {
+            name: "add_memory",
+            took: g.memory,
+        },
+        Step {
+            name: "online",
+            took: g.online,
+        },
+    ]
 }

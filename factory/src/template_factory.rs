@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::ready::{FallbackReason, Machine, ReadyVm, Step, VmSource};
+use crate::ready::{grow_steps, FallbackReason, Machine, ReadyVm, Step, VmSource};
 use crate::request::check_config;
 use crate::{CloneOptions, DirectFactory, Factory, FactoryError, TemplateHandle, VmRequest};
 
@@ -105,20 +105,7 @@ impl TemplateFactory {
             },
         ];
         if let Some(g) = grown {
-            steps.extend([
-                Step {
-                    name: "add_vcpus",
-                    took: g.vcpus,
-                },
-                Step {
-                    name: "add_memory",
-                    took: g.memory,
-                },
-                Step {
-                    name: "online",
-                    took: g.online,
-                },
-            ]);
+            steps.extend(grow_steps(&g));
         }
         Ok(ReadyVm {
             machine: Machine::Clone(clone),
