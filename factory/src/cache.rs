@@ -189,7 +189,8 @@ fn fill(shared: &Shared, source: &dyn Factory, base: &VmRequest) {
 impl Factory for CacheFactory {
     /// A cached VM when the request is the cache's base, or a bigger one a
     /// cached clone grows into, and one is ready; otherwise the fallback
-    /// factory on the caller's thread.
+    /// factory on the caller's thread. Requests naming their own VM id or
+    /// vsock path go to the fallback too: cached VMs already have theirs.
     fn get_vm(&self, request: &VmRequest) -> Result<ReadyVm, FactoryError> {
         let t0 = Instant::now();
         let growth = match check_config(self.base.config(), request.config()) {
