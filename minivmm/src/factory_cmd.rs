@@ -97,6 +97,16 @@ fn init(config: &Path) -> Result<ExitCode> {
         );
     }
     let dir = &c.factory.template_path;
+    // Checked before booting anything, with the config key to change.
+    if let Some(existing) = dir.ancestors().find(|a| a.exists()) {
+        if factory::tmpfs::fs_type(existing)? != factory::tmpfs::TMPFS_MAGIC {
+            bail!(
+                "{}: template_path {} is not on tmpfs (clones would page guest RAM from disk): put it under /dev/shm or a tmpfs mount",
+                config.display(),
+                dir.display()
+            );
+        }
+    }
     let request = VmRequest::new(guest_spec(&c))?;
     if let Ok(t) = snapshot::template::validate(dir, None) {
         if check_config(&t.manifest().config, request.config()).is_ok_and(|g| g.is_none()) {

@@ -158,3 +158,36 @@ fn bad_factory_config_is_one_line() {
     assert!(err.contains("enable_templates"), "{err}");
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn factory_init_refuses_a_template_path_off_tmpfs() {
+    let dir = std::env::temp_dir().join(format!("minivmm-cli-{}-disk", std::process::id()));
+    if factory_on_tmpfs(&std::env::temp_dir()) {
+        // Nothing to check where the temporary directory itself is tmpfs.
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("minivmm-cli-{}-disk.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "[factory]\nenable_template = true\ntemplate_path = \"{}\"\n",
+            dir.join("template").display()
+        ),
+    )
+    .unwrap();
+    let out = minivmm(&["factory", "init", "--config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("template_path") && err.contains("not on tmpfs"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "init left {} behind", dir.display());
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// Whether `dir` is on tmpfs.
+fn factory_on_tmpfs(dir: &std::path::Path) -> bool {
+    factory::tmpfs::fs_type(dir).expect("statfs") == factory::tmpfs::TMPFS_MAGIC
+}
