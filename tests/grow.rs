@@ -137,5 +137,10 @@ fn growth_beyond_the_region_is_refused_and_a_grown_vm_is_not_saved() {
     c.grow(2, 256).expect("grow memory");
     c.vm.pause().unwrap();
     assert!(matches!(c.vm.save(), Err(vmm::VmError::HotplugPlugged(_))));
+    // vCPUs are added only to a running VM.
+    assert!(c.vm.add_vcpus(1).is_err());
+    assert_eq!(c.vm.vcpu_count(), 2);
     c.vm.resume().unwrap();
+    c.grow(3, 256).expect("grow after resume");
+    assert_eq!(c.vm.vcpu_count(), 3);
 }

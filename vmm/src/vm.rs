@@ -521,6 +521,13 @@ impl Vm {
         if self.vcpus.is_empty() {
             return Err(VmError::NoDirectStart);
         }
+        // Checked before any vCPU is created: a KVM vCPU cannot be removed.
+        if let Some(exit) = self.control.exit() {
+            return Err(ControlError::Ended(exit).into());
+        }
+        if self.control.is_paused() {
+            return Err(ControlError::NotRunning.into());
+        }
         let old = self.vcpu_count();
         let total = old.checked_add(n).filter(|&t| t <= MAX_VCPUS);
         let total = total.ok_or(VmError::VcpuCount(old.saturating_add(n)))?;
