@@ -61,6 +61,7 @@ fn boot_with_agent_entry(
                 rng: true,
                 vsock: Some(socket.clone()),
                 fs: Vec::new(),
+                mem: None,
             },
             allow_pvm_native,
         },

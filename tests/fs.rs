@@ -111,6 +111,7 @@ fn boot(name: &str, fs: Vec<FsShare>) -> FsVm {
             rng: true,
             vsock: Some(socket.clone()),
             fs,
+            mem: None,
         },
         initrd: None,
         allow_pvm_native: true,

@@ -38,6 +38,7 @@ fn boot(name: &str, memory: MemoryBackend) -> VsockVm {
             rng: true,
             vsock: Some(socket.clone()),
             fs: Vec::new(),
+            mem: None,
         },
         allow_pvm_native: true,
     })

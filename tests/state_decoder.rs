@@ -47,6 +47,7 @@ fn sample_image() -> &'static [u8] {
                 rng: true,
                 vsock: Some(socket.clone()),
                 fs: Vec::new(),
+                mem: None,
             },
             allow_pvm_native: true,
         })

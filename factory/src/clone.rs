@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{
-    AgentClient, CheckRequest, ReseedRandomDevRequest, SetGuestDateTimeRequest, AGENT_VSOCK_PORT,
+    AgentClient, CheckRequest, GuestDetailsRequest, OnlineCpuMemRequest, ReseedRandomDevRequest,
+    SetGuestDateTimeRequest, AGENT_VSOCK_PORT,
 };
 use snapshot::{GuestConfig, Template};
 use vmm::console::ConsoleLines;
@@ -55,6 +56,14 @@ pub struct CloneTimings {
     pub resume: Duration,
     /// Agent connected, RNG reseeded, clock set, health check answered.
     pub ready: Duration,
+    /// Of `ready`: the agent connection.
+    pub connect: Duration,
+    /// Of `ready`: ReseedRandomDev with fresh host entropy.
+    pub reseed: Duration,
+    /// Of `ready`: SetGuestDateTime to the host's wall clock.
+    pub clock: Duration,
+    /// Of `ready`: the agent's Check.
+    pub check: Duration,
 }
 
 /// A clone, running, with its agent connected.
@@ -152,7 +161,8 @@ impl TemplateHandle {
         let restore = t0.elapsed();
         vm.start()?;
         let resume = t0.elapsed() - restore;
-        let agent = match ready(&vsock) {
+        let mut steps = ReadySteps::default();
+        let agent = match ready(&vsock, &mut steps) {
             Ok(agent) => agent,
             Err(e) => {
                 // Dropping the VM stops it and removes its socket.
@@ -170,6 +180,10 @@ impl TemplateHandle {
                 restore,
                 resume,
                 ready,
+                connect: steps.connect,
+                reseed: steps.reseed,
+                clock: steps.clock,
+                check: steps.check,
             },
         })
     }
@@ -235,10 +249,22 @@ pub fn host_wall_clock() -> SetGuestDateTimeRequest {
     }
 }
 
+/// How long each step of [`ready`] took.
+#[derive(Default)]
+struct ReadySteps {
+    connect: Duration,
+    reseed: Duration,
+    clock: Duration,
+    check: Duration,
+}
+
 /// Connect to a freshly resumed clone's agent and make it its own machine.
-fn ready(vsock: &Path) -> Result<AgentClient, FactoryError> {
+fn ready(vsock: &Path, steps: &mut ReadySteps) -> Result<AgentClient, FactoryError> {
+    let t = Instant::now();
     let mut agent =
         AgentClient::connect_hybrid_vsock(vsock, AGENT_VSOCK_PORT, AGENT_CALL_DEADLINE)?;
+    steps.connect = t.elapsed();
+    let t = Instant::now();
     let mut data = vec![0u8; RESEED_BYTES];
     host_entropy(&mut data).map_err(|source| FactoryError::Host {
         what: "getrandom for",
@@ -246,7 +272,98 @@ fn ready(vsock: &Path) -> Result<AgentClient, FactoryError> {
         source,
     })?;
     agent.reseed_random_dev(&ReseedRandomDevRequest { data }, AGENT_CALL_DEADLINE)?;
+    steps.reseed = t.elapsed();
+    let t = Instant::now();
     agent.set_guest_date_time(&host_wall_clock(), AGENT_CALL_DEADLINE)?;
+    steps.clock = t.elapsed();
+    let t = Instant::now();
     agent.check(&CheckRequest::default(), AGENT_CALL_DEADLINE)?;
+    steps.check = t.elapsed();
     Ok(agent)
+}
+
+/// How long a grown clone's guest may take to show its new vCPUs and memory.
+pub const GROW_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Where the time of [`ClonedVm::grow`] went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrowTimings {
+    /// Creating and starting the new vCPUs.
+    pub vcpus: Duration,
+    /// Asking virtio-mem for the memory (requested size, interrupt).
+    pub memory: Duration,
+    /// Until GetGuestDetails showed both, and OnlineCPUMem confirmed them.
+    pub online: Duration,
+}
+
+impl ClonedVm {
+    /// Grow the clone to `vcpus` vCPUs and `mem_mib` MiB: start the missing
+    /// vCPUs (the guest counts them in), ask its virtio-mem driver to plug
+    /// the missing memory (anonymous, never the template file), and wait
+    /// until GetGuestDetails reports both, then OnlineCPUMem. Values at or
+    /// below the clone's are left alone; shrinking is not supported.
+    pub fn grow(&mut self, vcpus: u32, mem_mib: u64) -> Result<GrowTimings, FactoryError> {
+        let have_vcpus = self.vm.vcpu_count();
+        let ram_mib = self.vm.ram().size() >> 20;
+        let t0 = Instant::now();
+        if vcpus > have_vcpus {
+            self.vm.add_vcpus(vcpus - have_vcpus)?;
+        }
+        let added_vcpus = t0.elapsed();
+        let want_vcpus = vcpus.max(have_vcpus);
+        // 0: memory is left alone (the guest's own count of its RAM is a
+        // little below the VM's, see below).
+        let want_bytes = if mem_mib > ram_mib { mem_mib << 20 } else { 0 };
+        // The guest counts RAM as its e820 map has it (without the legacy
+        // hole below 1 MiB): plug what it lacks by its own count.
+        if mem_mib > ram_mib {
+            let shown = self
+                .agent
+                .get_guest_details(&GuestDetailsRequest::default(), AGENT_CALL_DEADLINE)?
+                .memory_bytes;
+            if want_bytes > shown {
+                let extra = (want_bytes - shown).next_multiple_of(devices::virtio::MEM_BLOCK_SIZE);
+                self.vm.grow_memory(self.vm.plugged_memory() + extra)?;
+            }
+        }
+        let asked_memory = t0.elapsed();
+        let deadline = Instant::now() + GROW_DEADLINE;
+        // Each GetGuestDetails round trip paces the loop; the deadline bounds it.
+        loop {
+            let d = self
+                .agent
+                .get_guest_details(&GuestDetailsRequest::default(), AGENT_CALL_DEADLINE)?;
+            if d.online_vcpus >= want_vcpus && d.memory_bytes >= want_bytes {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(FactoryError::GuestTimeout {
+                    step: "show its added vCPUs and memory",
+                    secs: GROW_DEADLINE.as_secs(),
+                    exit: format!(
+                        "{} of {want_vcpus} vCPUs, {} of {want_bytes} bytes (VM {})",
+                        d.online_vcpus,
+                        d.memory_bytes,
+                        self.vm
+                            .wait_exit(Some(Duration::ZERO))
+                            .map_or("running".to_string(), |e| e.to_string())
+                    ),
+                    last_line: self.console.lines().last().cloned(),
+                });
+            }
+        }
+        self.agent.online_cpu_mem(
+            &OnlineCpuMemRequest {
+                nb_cpus: want_vcpus,
+                memory_bytes: want_bytes,
+            },
+            AGENT_CALL_DEADLINE,
+        )?;
+        tracing::info!(vm = %self.vm.id(), vcpus = want_vcpus, mem_mib = want_bytes >> 20, "clone grown");
+        Ok(GrowTimings {
+            vcpus: added_vcpus,
+            memory: asked_memory - added_vcpus,
+            online: t0.elapsed() - asked_memory,
+        })
+    }
 }

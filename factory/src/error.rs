@@ -81,4 +81,30 @@ pub enum FactoryError {
     /// The kernel image could not be read.
     #[error(transparent)]
     Kernel(#[from] vmm::boot::BootError),
+    /// The request differs from the template in a field a clone cannot
+    /// change (reported instead of falling back when fallback is off).
+    #[error("the request does not match the template: {0}")]
+    Mismatch(snapshot::ConfigMismatch),
+    /// Growing a clone to the requested vCPUs and memory failed (the
+    /// template is fine: this is not a reason to fall back).
+    #[error("growing the clone to {vcpus} vCPUs, {mem_mib} MiB: {source}")]
+    Grow {
+        /// Requested vCPUs.
+        vcpus: u32,
+        /// Requested memory in MiB.
+        mem_mib: u64,
+        /// Why.
+        source: Box<FactoryError>,
+    },
+    /// The template is missing, corrupt or cannot be cloned.
+    #[error("template {dir} is unusable: {reason}")]
+    TemplateUnusable {
+        /// The template directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The factory was closed.
+    #[error("the factory is closed")]
+    Closed,
 }

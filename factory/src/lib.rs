@@ -3,16 +3,28 @@
 //! clones that map it MAP_PRIVATE, restore the saved state, and are made
 //! distinct machines (fresh entropy, host wall clock) before anyone uses them.
 
+pub mod cache;
 pub mod clone;
+pub mod config;
+pub mod direct;
 pub mod error;
+pub mod ready;
+pub mod request;
 pub mod spec;
 pub mod template;
+pub mod template_factory;
 pub mod tmpfs;
 
-pub use clone::{CloneOptions, CloneTimings, ClonedVm, TemplateHandle};
+pub use cache::{CacheFactory, CacheStatus};
+pub use clone::{CloneOptions, CloneTimings, ClonedVm, GrowTimings, TemplateHandle};
+pub use config::{ConfigError, FactoryConfig};
+pub use direct::DirectFactory;
 pub use error::FactoryError;
+pub use ready::{FallbackReason, Machine, ReadyVm, Step, VmSource};
+pub use request::{check_config, Growth, VmRequest};
 pub use spec::GuestSpec;
 pub use template::{create_template, wait_for_agent, CreateOptions};
+pub use template_factory::TemplateFactory;
 
 use std::time::Duration;
 
@@ -22,3 +34,12 @@ pub const AGENT_CALL_DEADLINE: Duration = Duration::from_secs(10);
 /// because a Linux guest nested under software emulation takes 30-90 s to
 /// boot (the built-in guest needs milliseconds, so only failures wait it out).
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Hands out ready VMs (Kata's `FactoryBase`): running, agent answering,
+/// RNG reseeded and clock set when cloned.
+pub trait Factory: Send + Sync {
+    /// A VM ready for `request`.
+    fn get_vm(&self, request: &VmRequest) -> Result<ReadyVm, FactoryError>;
+    /// Release what the factory holds (background builds, cached VMs).
+    fn close(&self);
+}

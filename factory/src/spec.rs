@@ -9,8 +9,16 @@ use vmm::KernelImage;
 
 use crate::FactoryError;
 
-/// The devices every template VM has (agent over vsock, entropy over rng).
-pub const TEMPLATE_DEVICES: [&str; 2] = ["rng", "vsock"];
+/// The devices every template VM has (agent over vsock, entropy over rng,
+/// virtio-mem to grow clones), named as the saved state names them
+/// (`VirtioState::device_names`).
+pub fn template_devices() -> Vec<String> {
+    vec![
+        "rng".to_string(),
+        "vsock".to_string(),
+        format!("mem:{}", vmm::virtio::DEFAULT_HOTPLUG_BYTES),
+    ]
+}
 
 /// A guest to boot into a template.
 #[derive(Clone, Debug)]
@@ -62,7 +70,7 @@ impl GuestSpec {
             },
             cmdline: self.cmdline.clone(),
             initrd,
-            devices: TEMPLATE_DEVICES.iter().map(|d| d.to_string()).collect(),
+            devices: template_devices(),
         })
     }
 }

@@ -99,8 +99,12 @@ fn temp_socket_owner(name: &str) -> Option<i32> {
     (pid > 0).then_some(pid)
 }
 
+/// First wait between two attempts to reach a booting guest's agent (the
+/// built-in guest listens within milliseconds); it doubles up to
+/// [`AGENT_RETRY_MAX`] so a slow Linux boot is not hammered.
+const AGENT_RETRY_FIRST: Duration = Duration::from_millis(2);
 /// Longest wait between two attempts to reach a booting guest's agent.
-const AGENT_RETRY_INTERVAL: Duration = Duration::from_millis(200);
+const AGENT_RETRY_MAX: Duration = Duration::from_millis(200);
 
 /// Wait until the agent of the booting `vm` answers Check on its hybrid
 /// vsock `socket`, within `deadline`, and return the connected client.
@@ -113,6 +117,7 @@ pub fn wait_for_agent(
     deadline: Duration,
 ) -> Result<AgentClient, FactoryError> {
     let start = Instant::now();
+    let mut retry = AGENT_RETRY_FIRST;
     loop {
         let remaining = deadline.saturating_sub(start.elapsed());
         let attempt = remaining.min(AGENT_CALL_DEADLINE);
@@ -127,12 +132,13 @@ pub fn wait_for_agent(
         let remaining = deadline.saturating_sub(start.elapsed());
         // Between attempts, wait for the guest to end (an event) rather than
         // sleep: a guest that panics or powers off fails the wait at once.
-        if let Some(exit) = vm.wait_exit(Some(remaining.min(AGENT_RETRY_INTERVAL))) {
+        if let Some(exit) = vm.wait_exit(Some(remaining.min(retry))) {
             return Err(FactoryError::GuestEnded {
                 exit: exit.to_string(),
                 last_line: console.lines().last().cloned(),
             });
         }
+        retry = (retry * 2).min(AGENT_RETRY_MAX);
         if start.elapsed() >= deadline {
             return Err(FactoryError::AgentNotReady {
                 secs: deadline.as_secs(),
@@ -229,6 +235,8 @@ fn boot_and_save(
             rng: true,
             vsock: Some(socket.clone()),
             fs: opts.fs.clone(),
+            // Room for the clones to grow into (virtio-mem, nothing plugged).
+            mem: Some(vmm::virtio::DEFAULT_HOTPLUG_BYTES),
         },
         allow_pvm_native: true,
     })?;

@@ -64,6 +64,24 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The factory's get_vm for one guest, in one run: taken from a cache
+    /// factory (filled in the background first), cloned from the template,
+    /// and booted directly; then the cost of growing a clone by one vCPU and
+    /// by 256 MiB.
+    Factory {
+        /// Template directory (default: build a temporary one on /dev/shm).
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// VMs per path (also the cache's size).
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Guest RAM in MiB of a temporary template.
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u64,
+        /// Print JSON only.
+        #[arg(long)]
+        json: bool,
+    },
     /// Template clones: restore, resume and ready latency, cold boot of the
     /// same guest for the ratio, private memory per live clone, clones/s.
     Clone {
@@ -218,52 +236,14 @@ struct CloneReport {
     cold_boot: Stats,
 }
 
-/// Boot `spec` with rng + vsock and connect to its agent once it is ready.
-fn boot_with_agent(
-    spec: &factory::GuestSpec,
-) -> Result<(Vm, agent_protocol::AgentClient, PathBuf)> {
-    let socket = factory::template::temp_socket_path("bench");
-    let _ = std::fs::remove_file(&socket);
-    let lines = ConsoleLines::new();
-    let mut vm = Vm::create(VmConfig {
-        id: vmm::vm::default_vm_id(),
-        vcpus: spec.vcpus,
-        mem_mib: spec.mem_mib,
-        memory: MemoryBackend::Anonymous,
-        kernel: spec.kernel.clone(),
-        cmdline: spec.cmdline.clone(),
-        initrd: None,
-        console: Box::new(lines.tap(Box::new(std::io::sink()))),
-        virtio: vmm::VirtioConfig {
-            rng: true,
-            vsock: Some(socket.clone()),
-            fs: Vec::new(),
-        },
-        allow_pvm_native: true,
-    })?;
-    vm.start()?;
-    if lines
-        .wait_for(testguest_image::READY_LINE, 0, READY_TIMEOUT)
-        .is_none()
-    {
-        bail!("no ready line within {READY_TIMEOUT:?}");
-    }
-    let agent = agent_protocol::AgentClient::connect_hybrid_vsock(
-        &socket,
-        agent_protocol::AGENT_VSOCK_PORT,
-        READY_TIMEOUT,
-    )?;
-    Ok((vm, agent, socket))
-}
-
-/// Cold boot of the template's guest with its devices, to an answered agent Check.
+/// Cold boot of the template's guest with its devices, to an answered
+/// agent Check: the direct factory's path.
 fn cold_boot_to_agent(spec: &factory::GuestSpec) -> Result<Duration> {
+    let request = factory::VmRequest::new(spec.clone())?;
     let t0 = Instant::now();
-    let (mut vm, mut agent, socket) = boot_with_agent(spec)?;
-    agent.check(&agent_protocol::CheckRequest::default(), READY_TIMEOUT)?;
+    let vm = factory::DirectFactory::default().boot(&request)?;
     let t = t0.elapsed();
-    vm.stop();
-    let _ = std::fs::remove_file(&socket);
+    drop(vm);
     Ok(t)
 }
 
@@ -415,7 +395,9 @@ fn bench_agent(calls: usize, bulk_mib: usize, json: bool) -> Result<ExitCode> {
     if calls == 0 || bulk_mib == 0 {
         bail!("--calls and --bulk-mib must be at least 1");
     }
-    let (mut vm, mut agent, socket) = boot_with_agent(&factory::GuestSpec::testguest(1, 256))?;
+    let request = factory::VmRequest::new(factory::GuestSpec::testguest(1, 256))?;
+    let mut vm = factory::DirectFactory::default().boot(&request)?;
+    let agent = vm.agent();
     let req = agent_protocol::CheckRequest::default();
     for _ in 0..calls.min(100) {
         agent.check(&req, READY_TIMEOUT)?;
@@ -441,8 +423,7 @@ fn bench_agent(calls: usize, bulk_mib: usize, json: bool) -> Result<ExitCode> {
         got += r.data.len();
     }
     let secs = t.elapsed().as_secs_f64();
-    vm.stop();
-    let _ = std::fs::remove_file(&socket);
+    drop(vm);
     let stats = Stats::of(&rtt);
     let report = AgentReport {
         benchmark: "agent",
@@ -463,8 +444,234 @@ fn bench_agent(calls: usize, bulk_mib: usize, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Serialize)]
+struct FactoryReport {
+    benchmark: &'static str,
+    flavour: vmm::Flavour,
+    count: usize,
+    mem_mib: u64,
+    cache_p50_us: f64,
+    template_p50_us: f64,
+    direct_p50_us: f64,
+    /// get_vm from a full cache factory (a take).
+    cache: Stats,
+    /// get_vm from the template factory (restore, resume, reseed, clock, check).
+    template: Stats,
+    /// get_vm from the direct factory (cold boot to the agent's Check).
+    direct: Stats,
+    /// Growing a clone, on top of its get_vm.
+    growth: GrowthReport,
+}
+
+#[derive(Serialize)]
+struct GrowthReport {
+    vcpu_add_p50_us: f64,
+    memory_add_p50_us: f64,
+    /// One more vCPU: creating and starting it, until the guest shows it online.
+    vcpu_add: Stats,
+    /// 256 MiB more through virtio-mem, until the guest shows it online.
+    memory_add_mib: u64,
+    memory_add: Stats,
+}
+
+/// MiB added per memory-growth sample.
+const GROW_MEM_MIB: u64 = 256;
+
+/// `count` grown clones of `request` grown per `grown`; the named steps' sums.
+fn time_growth(
+    f: &dyn factory::Factory,
+    grown: &factory::VmRequest,
+    count: usize,
+    steps: &[&str],
+) -> Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let vm = f.get_vm(grown)?;
+        let mut sum = Duration::ZERO;
+        for s in steps {
+            sum += vm
+                .step(s)
+                .ok_or_else(|| anyhow::anyhow!("the grown VM has no {s} step"))?;
+        }
+        out.push(sum);
+    }
+    Ok(out)
+}
+
+/// `count` get_vm calls on `f`, each VM dropped after; their latencies.
+fn time_get_vm(
+    f: &dyn factory::Factory,
+    request: &factory::VmRequest,
+    count: usize,
+    want: factory::VmSource,
+) -> Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let vm = f.get_vm(request)?;
+        if vm.source != want {
+            bail!(
+                "expected a VM from the {} path, got one from {}",
+                want.name(),
+                vm.source.name()
+            );
+        }
+        out.push(vm.total);
+    }
+    Ok(out)
+}
+
+fn bench_factory(
+    template: Option<PathBuf>,
+    count: usize,
+    mem_mib: u64,
+    json: bool,
+) -> Result<ExitCode> {
+    use factory::{CacheFactory, DirectFactory, Factory, TemplateFactory, VmRequest, VmSource};
+    use std::sync::Arc;
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let spec = factory::GuestSpec::testguest(1, mem_mib);
+    let owned = template.is_none();
+    let dir = match template {
+        Some(d) => d,
+        None => {
+            let dir = PathBuf::from(format!(
+                "/dev/shm/minivmm-bench-factory-{}",
+                std::process::id()
+            ));
+            if !json {
+                eprintln!("building a temporary template in {}", dir.display());
+            }
+            factory::create_template(&dir, &spec, &factory::CreateOptions::default())?;
+            dir
+        }
+    };
+    let result = (|| {
+        let template = Arc::new(TemplateFactory::open(&dir, DirectFactory::default(), true));
+        let spec = match template.handle() {
+            Ok(h) => factory::GuestSpec {
+                vcpus: h.template().manifest().config.vcpus,
+                mem_mib: h.template().manifest().config.mem_mib,
+                cmdline: h.template().manifest().config.cmdline.clone(),
+                ..spec
+            },
+            Err(e) => bail!("template {}: {e}", dir.display()),
+        };
+        let request = VmRequest::new(spec)?;
+        // Warm-up (page cache, allocator), not measured.
+        drop(template.get_vm(&request)?);
+        let templ = time_get_vm(template.as_ref(), &request, count, VmSource::Template)?;
+        let direct = time_get_vm(&DirectFactory::default(), &request, count, VmSource::Direct)?;
+        let base = request.spec();
+        let more_vcpus = VmRequest::new(factory::GuestSpec {
+            vcpus: base.vcpus + 1,
+            ..base.clone()
+        })?;
+        let more_memory = VmRequest::new(factory::GuestSpec {
+            mem_mib: base.mem_mib + GROW_MEM_MIB,
+            ..base.clone()
+        })?;
+        let vcpu_add = time_growth(
+            template.as_ref(),
+            &more_vcpus,
+            count,
+            &["add_vcpus", "online"],
+        )?;
+        let memory_add = time_growth(
+            template.as_ref(),
+            &more_memory,
+            count,
+            &["add_memory", "online"],
+        )?;
+        let as_factory: Arc<dyn Factory> = template.clone();
+        let cache = CacheFactory::new(as_factory.clone(), as_factory, request.clone(), count);
+        let (status, full) = cache.wait_status(READY_TIMEOUT * 4, |s| s.ready == count);
+        if !full {
+            bail!("the cache did not fill: {status:?}");
+        }
+        // Keep the taken VMs so every take comes from the full cache.
+        let mut taken = Vec::with_capacity(count);
+        let mut cached = Vec::with_capacity(count);
+        for _ in 0..count {
+            let vm = cache.get_vm(&request)?;
+            if vm.source != VmSource::Cache {
+                bail!("a take from the full cache came from {}", vm.source.name());
+            }
+            cached.push(vm.total);
+            taken.push(vm);
+        }
+        cache.close();
+        drop(taken);
+        Ok((
+            request.spec().mem_mib,
+            cached,
+            templ,
+            direct,
+            vcpu_add,
+            memory_add,
+        ))
+    })();
+    if owned {
+        let _ = snapshot::template::remove(&dir);
+    }
+    let (mem_mib, cached, templ, direct, vcpu_add, memory_add) = result?;
+    let report = FactoryReport {
+        benchmark: "factory",
+        flavour: vmm::Flavour::detect(),
+        count,
+        mem_mib,
+        cache_p50_us: Stats::of(&cached).p50_us,
+        template_p50_us: Stats::of(&templ).p50_us,
+        direct_p50_us: Stats::of(&direct).p50_us,
+        cache: Stats::of(&cached),
+        template: Stats::of(&templ),
+        direct: Stats::of(&direct),
+        growth: GrowthReport {
+            vcpu_add_p50_us: Stats::of(&vcpu_add).p50_us,
+            memory_add_p50_us: Stats::of(&memory_add).p50_us,
+            vcpu_add: Stats::of(&vcpu_add),
+            memory_add_mib: GROW_MEM_MIB,
+            memory_add: Stats::of(&memory_add),
+        },
+    };
+    if !json {
+        println!(
+            "{:<18} {:>10} {:>10} {:>10}",
+            "get_vm from", "p50 us", "p99 us", "max us"
+        );
+        for (name, s) in [
+            ("cache", &report.cache),
+            ("template", &report.template),
+            ("direct", &report.direct),
+        ] {
+            println!(
+                "{:<18} {:>10.0} {:>10.0} {:>10.0}",
+                name, s.p50_us, s.p99_us, s.max_us
+            );
+        }
+        for (name, s) in [
+            ("grow: +1 vCPU", &report.growth.vcpu_add),
+            ("grow: +256 MiB", &report.growth.memory_add),
+        ] {
+            println!(
+                "{:<18} {:>10.0} {:>10.0} {:>10.0}",
+                name, s.p50_us, s.p99_us, s.max_us
+            );
+        }
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
+        BenchCommand::Factory {
+            template,
+            count,
+            mem_mib,
+            json,
+        } => bench_factory(template, count, mem_mib, json),
         BenchCommand::Fs {
             file_mib,
             small_files,

@@ -128,6 +128,7 @@ pub fn bench_fs(
             rng: true,
             vsock: Some(vsock.clone()),
             fs: share(&daemon),
+            mem: None,
         },
         initrd: None,
         allow_pvm_native: true,

@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod bench;
 mod bench_fs;
+mod factory_cmd;
 mod image_cmd;
 mod share;
 mod signals;
@@ -67,6 +68,13 @@ enum Command {
     Template(template_cmd::TemplateCommand),
     /// Start ready VMs from a template (copy-on-write memory).
     Clone(template_cmd::CloneArgs),
+    /// Build, inspect and remove the factory's template from a TOML config
+    /// (Kata's factory keys).
+    #[command(subcommand)]
+    Factory(factory_cmd::FactoryCommand),
+    /// Get one ready VM from the factory a config describes: a clone of its
+    /// template when the request matches, else a direct boot (says why).
+    GetVm(factory_cmd::GetVmArgs),
     /// Call the guest agent of a running VM over its vsock socket.
     Agent(agent_cmd::AgentArgs),
     /// Benchmarks (numbers, never pass/fail).
@@ -210,6 +218,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Template(cmd) => template_cmd::template(cmd),
         Command::Clone(args) => template_cmd::clone(args),
+        Command::Factory(cmd) => factory_cmd::factory(cmd),
+        Command::GetVm(args) => factory_cmd::get_vm(args),
         Command::Agent(args) => agent_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Image(cmd) => image_cmd::run(cmd),
@@ -364,6 +374,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             rng: args.rng || args.vsock.is_some(),
             vsock: args.vsock,
             fs: daemons.fs_config(),
+            mem: None,
         },
         allow_pvm_native: !args.no_pvm_native,
     })

@@ -85,10 +85,12 @@ pub struct CloneArgs {
     /// Directory for the clones' vsock sockets (clone-N.vsock); default: a temporary path.
     #[arg(long)]
     vsock_dir: Option<PathBuf>,
-    /// Expected vCPUs (refuses a template built with another count).
+    /// vCPUs each clone gets: more than the template's are hot-added
+    /// after the clone; fewer is an error.
     #[arg(long)]
     vcpus: Option<u32>,
-    /// Expected guest RAM in MiB.
+    /// Guest memory in MiB each clone gets: more than the template's is
+    /// plugged through virtio-mem after the clone; less is an error.
     #[arg(long)]
     mem_mib: Option<u64>,
     /// Keep the clones running until interrupted (otherwise stop them when ready).
@@ -184,17 +186,20 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
     }
     // Before any clone thread exists, so that every thread inherits the mask.
     let stop_signals = a.keep.then(crate::signals::block_stop_signals);
-    let expected = match (a.vcpus, a.mem_mib) {
-        (None, None) => None,
-        (vcpus, mem_mib) => {
-            let t = snapshot::Template::open(&a.template, vmm::state::STATE_SCHEMA)?;
-            let mut c = t.manifest().config.clone();
-            c.vcpus = vcpus.unwrap_or(c.vcpus);
-            c.mem_mib = mem_mib.unwrap_or(c.mem_mib);
-            Some(c)
-        }
-    };
-    let handle = TemplateHandle::open(&a.template, expected.as_ref())?;
+    let handle = TemplateHandle::open(&a.template, None)?;
+    let base = &handle.template().manifest().config;
+    let (vcpus, mem_mib) = (
+        a.vcpus.unwrap_or(base.vcpus),
+        a.mem_mib.unwrap_or(base.mem_mib),
+    );
+    if vcpus < base.vcpus || mem_mib < base.mem_mib {
+        bail!(
+            "the template has {} vCPUs and {} MiB; a clone can grow but not shrink (asked for {vcpus} vCPUs, {mem_mib} MiB)",
+            base.vcpus,
+            base.mem_mib
+        );
+    }
+    let grow = vcpus > base.vcpus || mem_mib > base.mem_mib;
     let mut clones = Vec::new();
     let mut failed = 0usize;
     for i in 0..a.count {
@@ -203,7 +208,7 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
             .as_ref()
             .map(|d| d.join(format!("clone-{i}.vsock")));
         let fds_before = open_fds();
-        let c = match handle.clone_vm(CloneOptions {
+        let mut c = match handle.clone_vm(CloneOptions {
             id: Some(format!("clone-{i}")),
             vsock,
             ..CloneOptions::default()
@@ -231,6 +236,11 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
                 );
             }
         }
+        let g = if grow {
+            c.grow(vcpus, mem_mib)?
+        } else {
+            factory::GrowTimings::default()
+        };
         let t = c.timings;
         if a.json {
             println!(
@@ -241,6 +251,10 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
                     "resume_us": t.resume.as_secs_f64() * 1e6,
                     "ready_us": t.ready.as_secs_f64() * 1e6,
                     "total_us": (t.restore + t.resume + t.ready).as_secs_f64() * 1e6,
+                    "vcpus": vcpus, "mem_mib": mem_mib,
+                    "grow_vcpus_us": g.vcpus.as_secs_f64() * 1e6,
+                    "grow_memory_us": g.memory.as_secs_f64() * 1e6,
+                    "grow_online_us": g.online.as_secs_f64() * 1e6,
                 })
             );
         } else {
@@ -252,6 +266,15 @@ pub fn clone(a: CloneArgs) -> Result<ExitCode> {
                 t.resume.as_secs_f64() * 1e6,
                 t.ready.as_secs_f64() * 1e6
             );
+            if grow {
+                println!(
+                    "clone {i} grown to {vcpus} vCPUs, {mem_mib} MiB in {:.0} us (vCPUs {:.0}, memory {:.0}, online {:.0})",
+                    (g.vcpus + g.memory + g.online).as_secs_f64() * 1e6,
+                    g.vcpus.as_secs_f64() * 1e6,
+                    g.memory.as_secs_f64() * 1e6,
+                    g.online.as_secs_f64() * 1e6
+                );
+            }
         }
         if a.keep {
             clones.push(c);

@@ -71,9 +71,37 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(u64, u64)> {
     regions
 }
 
+/// Alignment of the virtio-mem hot-plug region (guests map it in large pages).
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
+
+/// Where a hot-plug (virtio-mem) region of `size` bytes goes for RAM ending
+/// at `ram_end`: the first GiB boundary above both RAM and the 32-bit MMIO
+/// gap. None if it would not fit under the identity map (the test guest
+/// reaches only that much).
+pub fn hotplug_region_start(ram_end: u64, size: u64) -> Option<u64> {
+    let start = ram_end
+        .max(MMIO_GAP_END)
+        .checked_next_multiple_of(HOTPLUG_ALIGN)?;
+    let end = start.checked_add(size)?;
+    (size > 0 && end <= IDENTITY_MAP_GIB << 30).then_some(start)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hotplug_region_sits_above_ram_and_the_gap() {
+        assert_eq!(hotplug_region_start(256 << 20, 2 << 30), Some(4 << 30));
+        assert_eq!(hotplug_region_start(5 << 30, 1 << 30), Some(5 << 30));
+        assert_eq!(
+            hotplug_region_start((5 << 30) + 4096, 1 << 30),
+            Some(6 << 30)
+        );
+        assert_eq!(hotplug_region_start(15 << 30, 2 << 30), None);
+        assert_eq!(hotplug_region_start(256 << 20, 0), None);
+        assert_eq!(hotplug_region_start(u64::MAX - 10, 1 << 30), None);
+    }
 
     #[test]
     fn regions_split_around_the_mmio_gap() {

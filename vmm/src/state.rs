@@ -95,6 +95,19 @@ pub struct VmState {
     pub serial: SerialState,
     /// virtio transports and devices.
     pub virtio: crate::virtio::VirtioState,
+    /// How the VMM starts a vCPU of this guest directly (guests with the
+    /// minivmm note): what `Vm::add_vcpus` needs after a restore.
+    #[serde(default)]
+    pub direct_start: Option<DirectStart>,
+}
+
+/// The 64-bit entry every vCPU of a direct-start guest begins at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectStart {
+    /// The kernel's entry point.
+    pub entry: u64,
+    /// Start vCPUs in PVM native mode.
+    pub pvm_native: bool,
 }
 
 /// Errors saving or restoring state.

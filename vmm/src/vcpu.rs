@@ -75,7 +75,8 @@ struct ControlState {
 pub struct VcpuControl {
     state: Mutex<ControlState>,
     changed: Condvar,
-    count: usize,
+    // Grows when vCPUs are hot-added (under the state lock).
+    count: std::sync::atomic::AtomicUsize,
 }
 
 /// Errors of vCPU control.
@@ -94,6 +95,9 @@ pub enum ControlError {
     /// The VM has already ended.
     #[error("the VM has ended: {0}")]
     Ended(GuestExit),
+    /// vCPUs can be added only while the VM runs.
+    #[error("the VM is paused or stopping")]
+    NotRunning,
 }
 
 fn kick_signal() -> i32 {
@@ -137,8 +141,27 @@ impl VcpuControl {
                 threads: Vec::new(),
             }),
             changed: Condvar::new(),
-            count,
+            count: std::sync::atomic::AtomicUsize::new(count),
         })
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Count one more vCPU (hot-add), before its thread starts; refused
+    /// while the VM is paused or ended, when the new thread could not join
+    /// the pause accounting consistently.
+    pub fn add_vcpu(&self) -> Result<(), ControlError> {
+        let st = self.lock();
+        if let Some(exit) = &st.exit {
+            return Err(ControlError::Ended(exit.clone()));
+        }
+        if st.target != Target::Run {
+            return Err(ControlError::NotRunning);
+        }
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, ControlState> {
@@ -175,12 +198,12 @@ impl VcpuControl {
         st.target = Target::Pause;
         Self::kick_all(&st);
         self.changed.notify_all();
-        while st.parked < self.count {
+        while st.parked < self.count() {
             let now = Instant::now();
             if now >= deadline {
                 return Err(ControlError::PauseTimeout {
                     parked: st.parked,
-                    count: self.count,
+                    count: self.count(),
                     timeout,
                 });
             }
@@ -196,7 +219,7 @@ impl VcpuControl {
     /// Whether every vCPU is parked by a pause.
     pub fn is_paused(&self) -> bool {
         let st = self.lock();
-        st.target == Target::Pause && st.parked == self.count
+        st.target == Target::Pause && st.parked == self.count()
     }
 
     /// Let paused vCPUs run again.

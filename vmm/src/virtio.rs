@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::mem::{Mem, MemRegion, MemState};
 pub use devices::virtio::vsock::ConnectionWatch;
 use devices::virtio::vsock::{Vsock, VsockState};
 use devices::virtio::{
@@ -14,7 +15,7 @@ use devices::virtio::{
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::acpi::MmioDevice;
 use crate::bus::Bus;
@@ -24,6 +25,10 @@ use crate::layout::VIRTIO_MMIO_START;
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
 /// The guest CID every VM gets (each VM has its own socket, so it need not differ).
 pub const GUEST_CID: u64 = 3;
+
+/// Default virtio-mem region of a template: how far its clones can grow.
+/// Untouched, it costs address space only (MAP_NORESERVE).
+pub const DEFAULT_HOTPLUG_BYTES: u64 = 2 << 30;
 
 /// Which virtio devices a VM has.
 #[derive(Clone, Debug, Default)]
@@ -35,6 +40,9 @@ pub struct VirtioConfig {
     /// virtio-fs devices, each served by a vhost-user backend (virtiofsd)
     /// already listening on its socket.
     pub fs: Vec<FsShare>,
+    /// virtio-mem with a hot-plug region of this many bytes (a multiple of
+    /// 2 MiB) above RAM, nothing plugged: what `Vm::grow_memory` fills.
+    pub mem: Option<u64>,
 }
 
 /// One virtio-fs device: the guest finds it by its tag.
@@ -56,6 +64,10 @@ pub struct VirtioState {
     /// The virtio-fs transports and devices (the backends are not saved:
     /// a restored VM connects fresh ones).
     pub fs: Vec<(MmioTransportState, FsState)>,
+    /// The virtio-mem transport and device (the region's contents are not
+    /// saved: a VM is saved with nothing plugged).
+    #[serde(default)]
+    pub mem: Option<(MmioTransportState, MemState)>,
 }
 
 impl VirtioState {
@@ -70,6 +82,9 @@ impl VirtioState {
         }
         for (_, fs) in &self.fs {
             v.push(format!("fs:{}", fs.tag));
+        }
+        if let Some((_, m)) = &self.mem {
+            v.push(format!("mem:{}", m.region_size));
         }
         v
     }
@@ -105,6 +120,16 @@ pub enum VirtioError {
     /// Two virtio-fs devices with one tag.
     #[error("virtio-fs tag {0:?} is given twice")]
     DuplicateFsTag(String),
+    /// The hot-plug region does not fit above RAM inside the identity map.
+    #[error(
+        "a virtio-mem region of {size:#x} bytes does not fit above RAM ending at {ram_end:#x}"
+    )]
+    MemRegion {
+        /// Region size asked for.
+        size: u64,
+        /// End of RAM.
+        ram_end: u64,
+    },
     /// A restore needs a backend for each saved virtio-fs device.
     #[error("the saved VM has a virtio-fs device tagged {0:?}: give the restored VM a virtiofsd socket for it")]
     FsSocketMissing(String),
@@ -124,6 +149,7 @@ pub struct VirtioDevices {
     rng: Option<SharedTransport>,
     vsock: Option<(SharedTransport, Arc<Mutex<Vsock>>)>,
     fs: Vec<(SharedTransport, Arc<Mutex<Fs>>)>,
+    mem: Option<(SharedTransport, Arc<Mutex<Mem>>)>,
     event_loop: Option<EventLoopHandle>,
     cmdline: Vec<String>,
     mmio: Vec<MmioDevice>,
@@ -267,9 +293,39 @@ impl VirtioDevices {
             event_loop.add_subscriber(dev.clone());
             fs.push((t, dev));
         }
+        let saved_mem = state.and_then(|s| s.mem.as_ref());
+        let mem_size = match state {
+            Some(_) => saved_mem.map(|(_, m)| m.region_size),
+            None => config.mem,
+        };
+        let hotplug = match mem_size {
+            Some(size) => {
+                let ram_end = mem
+                    .iter()
+                    .map(|r| r.start_addr().0 + r.len())
+                    .max()
+                    .unwrap_or(0);
+                let addr = crate::layout::hotplug_region_start(ram_end, size)
+                    .ok_or(VirtioError::MemRegion { size, ram_end })?;
+                let region = Arc::new(
+                    MemRegion::new(addr, size).map_err(|e| device_err("mem")(e.to_string()))?,
+                );
+                let dev = match saved_mem {
+                    Some((_, st)) => Mem::restore(vm_id, st, region),
+                    None => Mem::new(vm_id, region),
+                }
+                .map_err(|e| device_err("mem")(e.to_string()))?;
+                let dev = Arc::new(Mutex::new(dev));
+                let t = w.attach("mem", dev.clone(), saved_mem.map(|(t, _)| t))?;
+                event_loop.add_subscriber(dev.clone());
+                Some((t, dev))
+            }
+            None => None,
+        };
         let cmdline = std::mem::take(&mut w.cmdline);
         let mmio = std::mem::take(&mut w.mmio);
-        let event_loop = if rng.is_some() || vsock.is_some() || !fs.is_empty() {
+        let event_loop = if rng.is_some() || vsock.is_some() || !fs.is_empty() || hotplug.is_some()
+        {
             Some(
                 event_loop
                     .start_with(vm_id, || {
@@ -285,6 +341,7 @@ impl VirtioDevices {
             rng,
             vsock,
             fs,
+            mem: hotplug,
             event_loop,
             cmdline,
             mmio,
@@ -309,6 +366,11 @@ impl VirtioDevices {
                 .unwrap_or_else(|p| p.into_inner())
                 .send_transport_reset();
         }
+    }
+
+    /// The virtio-mem device, if the VM has one.
+    pub fn mem(&self) -> Option<&Arc<Mutex<Mem>>> {
+        self.mem.as_ref().map(|(_, d)| d)
     }
 
     /// Hold the device thread between two events (after the vCPUs are
@@ -368,6 +430,10 @@ impl VirtioDevices {
                 .iter()
                 .map(|(t, d)| (lock(t), d.lock().unwrap_or_else(|p| p.into_inner()).save()))
                 .collect(),
+            mem: self
+                .mem
+                .as_ref()
+                .map(|(t, d)| (lock(t), d.lock().unwrap_or_else(|p| p.into_inner()).save())),
         })
     }
 

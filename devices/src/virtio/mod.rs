@@ -56,6 +56,7 @@
 pub mod event_loop;
 pub mod fs;
 pub mod interrupt;
+pub mod mem;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
@@ -73,6 +74,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use event_loop::{EventLoop, EventLoopError, EventLoopHandle};
 pub use fs::{Fs, FsError, FsState};
 pub use interrupt::Interrupt;
+pub use mem::{Mem, MemError, MemRegion, MemState, MEM_BLOCK_SIZE};
 pub use mmio::{
     kernel_cmdline_arg, MmioError, MmioTransport, MmioTransportState, QueueConfigState,
     MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,

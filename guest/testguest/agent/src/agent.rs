@@ -63,6 +63,8 @@ pub struct Agent {
     quiesce_requested: bool,
     entropy_wanted: bool,
     shares: Vec<FsDevice>,
+    /// virtio-mem memory plugged: (guest-physical base, bytes).
+    hotplug: (u64, u64),
 }
 
 impl Agent {
@@ -76,7 +78,18 @@ impl Agent {
             quiesce_requested: false,
             entropy_wanted: false,
             shares: Vec::new(),
+            hotplug: (0, 0),
         }
+    }
+
+    /// The virtio-mem memory plugged now: `bytes` from `base` up.
+    pub fn set_hotplug(&mut self, base: u64, bytes: u64) {
+        self.hotplug = (base, bytes);
+    }
+
+    /// RAM plus plugged memory.
+    fn memory_bytes(&self) -> u64 {
+        self.info.ram_bytes + self.hotplug.1
     }
 
     /// The virtio-fs devices the file RPCs use.
@@ -188,12 +201,20 @@ pub const CHECKSUM_INIT: u64 = 0xcbf2_9ce4_8422_2325;
 /// # Safety
 /// The pages must be RAM nothing else uses.
 pub unsafe fn touch_pages(base: u64, pages: u64, word: u64) -> u64 {
+    touch_pages_from(CHECKSUM_INIT, base, pages, word)
+}
+
+/// [`touch_pages`] continuing the checksum `hash` (for memory in pieces).
+///
+/// # Safety
+/// As for [`touch_pages`].
+pub unsafe fn touch_pages_from(hash: u64, base: u64, pages: u64, word: u64) -> u64 {
     let words = (pages * PAGE_SIZE / 8) as usize;
     let p = base as *mut u64;
     for i in 0..words {
         p.add(i).write(word);
     }
-    let mut hash = CHECKSUM_INIT;
+    let mut hash = hash;
     for i in 0..words {
         // Volatile: the checksum is of memory as read back, not of what the
         // compiler knows was written.
@@ -218,7 +239,7 @@ impl AgentService for Agent {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION,
             online_vcpus: sys::online_cpus(),
-            memory_bytes: self.info.ram_bytes,
+            memory_bytes: self.memory_bytes(),
             boot_time_ns: self.boot_time_ns,
             pvm: self.info.flags & FLAG_PVM != 0,
             kernel: KERNEL_NAME.into(),
@@ -253,12 +274,13 @@ impl AgentService for Agent {
                 ),
             ));
         }
-        if request.memory_bytes > self.info.ram_bytes {
+        if request.memory_bytes > self.memory_bytes() {
             return Err(Status::new(
                 Code::FailedPrecondition,
                 format!(
-                    "{} bytes of memory requested, {} online; the test guest cannot add memory",
-                    request.memory_bytes, self.info.ram_bytes
+                    "{} bytes of memory requested, {} online; the host plugs more through virtio-mem",
+                    request.memory_bytes,
+                    self.memory_bytes()
                 ),
             ));
         }
@@ -279,12 +301,22 @@ impl AgentService for Agent {
     }
 
     fn touch_memory(&mut self, request: TouchMemoryRequest) -> Result<TouchMemoryResponse, Status> {
-        let pages = request.pages.min(self.info.touch_len / PAGE_SIZE);
+        // The scratch RAM first, then the plugged virtio-mem memory.
+        let word = touch_word(request.pattern);
+        let low = request.pages.min(self.info.touch_len / PAGE_SIZE);
         // SAFETY: [touch_base, touch_base + touch_len) is RAM that only
         // TouchMemory uses (the kernel checked it against e820).
-        let checksum =
-            unsafe { touch_pages(self.info.touch_base, pages, touch_word(request.pattern)) };
-        Ok(TouchMemoryResponse { checksum, pages })
+        let checksum = unsafe { touch_pages(self.info.touch_base, low, word) };
+        let (base, bytes) = self.hotplug;
+        let high = (request.pages - low).min(bytes / PAGE_SIZE);
+        // SAFETY: the device acknowledged plugging [base, base + bytes)
+        // (inside the identity map, checked by the driver); nothing else
+        // uses it.
+        let checksum = unsafe { touch_pages_from(checksum, base, high, word) };
+        Ok(TouchMemoryResponse {
+            checksum,
+            pages: low + high,
+        })
     }
 
     fn get_guest_time(

@@ -34,6 +34,7 @@ use testguest_abi::{BootInfo, BOOT_INFO_MAGIC};
 use agent::{Agent, Session};
 use clock::Clock;
 use virtio::fs::FsDevice;
+use virtio::mem::{MemDevice, DEVICE_ID_MEM};
 use virtio::rng::EntropyDevice;
 use virtio::vsock::VsockDevice;
 use virtio::{MmioDevice, DEVICE_ID_FS, DEVICE_ID_RNG, DEVICE_ID_VSOCK};
@@ -54,7 +55,7 @@ pub extern "C" fn agent_main(info: &'static BootInfo) -> ! {
         sys::exit();
     }
     let clock = Clock::new(info);
-    let (mut entropy, mut vsock, shares) = find_devices(info);
+    let (mut entropy, mut vsock, shares, mut hotplug) = find_devices(info);
 
     // Seed: whatever the device gives within the timeout, plus the TSC.
     let mut seed: Vec<u8> = Vec::new();
@@ -64,7 +65,7 @@ pub extern "C" fn agent_main(info: &'static BootInfo) -> ! {
         let deadline = clock.monotonic_ns().saturating_add(ENTROPY_TIMEOUT_NS);
         let mut got = false;
         while !got && clock.monotonic_ns() < deadline {
-            take_interrupts(info, Some(&dev.mmio), None);
+            take_interrupts(info, &[Some(&dev.mmio)]);
             got = dev.poll(|bytes| seed.extend_from_slice(bytes));
             if !got {
                 sys::wait();
@@ -98,12 +99,24 @@ pub extern "C" fn agent_main(info: &'static BootInfo) -> ! {
             transport.connect(port, Session::Hello);
         }
     }
+    // The host may have asked for memory before the agent got here.
+    let mut mem_config_changed = true;
     loop {
-        let took = take_interrupts(
+        let pending = take_interrupts(
             info,
-            entropy.as_ref().map(|d| &d.mmio),
-            vsock.as_ref().map(|d| &d.mmio),
+            &[
+                entropy.as_ref().map(|d| &d.mmio),
+                vsock.as_ref().map(|d| &d.mmio),
+                hotplug.as_ref().map(|d| &d.mmio),
+            ],
         );
+        let took = pending != 0;
+        if let Some(dev) = hotplug.as_mut() {
+            mem_config_changed |= pending & (1 << (dev.mmio.irq & 63)) != 0;
+            if dev.poll(core::mem::take(&mut mem_config_changed)) {
+                agent.set_hotplug(dev.base(), dev.plugged());
+            }
+        }
         if let Some(dev) = entropy.as_mut() {
             dev.poll(|bytes| agent.add_entropy(bytes));
         }
@@ -158,24 +171,33 @@ fn cmdline_text(info: &BootInfo) -> &'static str {
 }
 
 /// Takes the interrupt bits the kernel noted and acknowledges them at the
-/// devices they belong to. Returns whether there were any.
-fn take_interrupts(info: &BootInfo, a: Option<&MmioDevice>, b: Option<&MmioDevice>) -> bool {
+/// devices they belong to. Returns the bits (0: none).
+fn take_interrupts(info: &BootInfo, devices: &[Option<&MmioDevice>]) -> u64 {
     let pending = info.pending_irqs.swap(0, Ordering::AcqRel);
     if pending == 0 {
-        return false;
+        return 0;
     }
-    for dev in [a, b].into_iter().flatten() {
+    for dev in devices.iter().flatten() {
         if pending & (1 << (dev.irq & 63)) != 0 {
             dev.ack_interrupt();
         }
     }
-    true
+    pending
 }
 
-/// Sets up the first virtio-rng and the first virtio-vsock device of the
+/// The devices the agent drives.
+type Devices = (
+    Option<EntropyDevice>,
+    Option<VsockDevice>,
+    Vec<FsDevice>,
+    Option<MemDevice>,
+);
+
+/// Sets up the first virtio-rng, virtio-vsock and virtio-mem device of the
 /// command line, and every virtio-fs device. Others are left alone; failures
 /// are reported.
-fn find_devices(info: &BootInfo) -> (Option<EntropyDevice>, Option<VsockDevice>, Vec<FsDevice>) {
+fn find_devices(info: &BootInfo) -> Devices {
+    let mut hotplug = None;
     let mut entropy = None;
     let mut vsock = None;
     let mut shares = Vec::new();
@@ -197,6 +219,10 @@ fn find_devices(info: &BootInfo) -> (Option<EntropyDevice>, Option<VsockDevice>,
                 Ok(dev) => shares.push(dev),
                 Err(e) => println!("testguest agent: virtio-fs at {:#x}: {e}", d.addr),
             },
+            Ok(DEVICE_ID_MEM) if hotplug.is_none() => match MemDevice::new(mmio) {
+                Ok(dev) => hotplug = Some(dev),
+                Err(e) => println!("testguest agent: virtio-mem at {:#x}: {e}", d.addr),
+            },
             Ok(0) => {}
             Ok(id) => println!(
                 "testguest agent: virtio device {id} at {:#x} not used",
@@ -205,5 +231,5 @@ fn find_devices(info: &BootInfo) -> (Option<EntropyDevice>, Option<VsockDevice>,
             Err(e) => println!("testguest agent: {:#x}: {e}", d.addr),
         }
     }
-    (entropy, vsock, shares)
+    (entropy, vsock, shares, hotplug)
 }

@@ -5,6 +5,7 @@
 //! plain volatile accesses; each one exits to the VMM.
 
 pub mod fs;
+pub mod mem;
 pub mod queue;
 pub mod rng;
 pub mod vsock;
