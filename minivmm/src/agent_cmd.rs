@@ -8,9 +8,9 @@ use std::time::Duration;
 use std::io::{Read, Write};
 
 use agent_protocol::{
-    AgentClient, CheckRequest, FsListRequest, FsPathRequest, FsReadRequest, FsWriteRequest,
-    GetGuestTimeRequest, GuestDetailsRequest, ReadRandomRequest, ReseedRandomDevRequest,
-    TouchMemoryRequest, AGENT_VSOCK_PORT,
+    AgentClient, CheckRequest, ClientError, FsListRequest, FsPathRequest, FsReadRequest,
+    FsWriteRequest, GetGuestTimeRequest, GuestDetailsRequest, ReadRandomRequest,
+    ReseedRandomDevRequest, TouchMemoryRequest, AGENT_VSOCK_PORT,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -23,6 +23,11 @@ pub struct AgentArgs {
     /// Deadline for connecting and for the call, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// How long to wait, in seconds, for a VM that is still starting: its
+    /// socket not there yet, or its agent not listening yet (a Linux guest
+    /// takes seconds to boot). 0 fails at once.
+    #[arg(long, default_value_t = 120)]
+    wait: u64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -169,9 +174,34 @@ pub fn fs_write_all(
     }
 }
 
+/// Connect to the agent, retrying while the VM is still coming up (socket
+/// missing or refused, handshake rejected because the guest does not listen
+/// yet) until `wait` has passed; any other error is final at once.
+fn connect(vsock: &std::path::Path, deadline: Duration, wait: Duration) -> Result<AgentClient> {
+    let start = std::time::Instant::now();
+    // Nothing to subscribe to inside the guest: poll, backing off to 200 ms.
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match AgentClient::connect_hybrid_vsock(vsock, AGENT_VSOCK_PORT, deadline) {
+            Ok(c) => return Ok(c),
+            Err(
+                e @ (ClientError::NoVm { .. }
+                | ClientError::ConnectionRefused { .. }
+                | ClientError::HandshakeRejected { .. }
+                | ClientError::Closed { .. }),
+            ) if start.elapsed() + pause < wait => {
+                tracing::debug!("agent not reachable yet: {e}");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
     let deadline = Duration::from_millis(args.timeout_ms);
-    let mut client = AgentClient::connect_hybrid_vsock(&args.vsock, AGENT_VSOCK_PORT, deadline)?;
+    let mut client = connect(&args.vsock, deadline, Duration::from_secs(args.wait))?;
     let out: serde_json::Value = match args.call {
         AgentCall::Check => {
             let r = client.check(&CheckRequest::default(), deadline)?;

@@ -207,7 +207,14 @@ fn guest_export_writes_the_elf() {
 fn agent_without_a_vm_says_so_in_one_line() {
     let sock = temp_path("no-vm.vsock");
     assert_one_line_error(
-        &minivmm(&["agent", "--vsock", sock.to_str().unwrap(), "check"]),
+        &minivmm(&[
+            "agent",
+            "--vsock",
+            sock.to_str().unwrap(),
+            "--wait",
+            "0",
+            "check",
+        ]),
         "no VM listening at",
     );
 }
