@@ -40,7 +40,7 @@ pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 const OUTER_MODULES: &[&str] = &["kvm_amd"];
 /// Command line of the outer kernel: serial console, exit on panic
 /// (QEMU runs with -no-reboot), little kernel chatter between the markers.
-const OUTER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet rdinit=/init";
+const OUTER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet no_timer_check rdinit=/init";
 /// Console marker prefix; the outer /init prints `@@NESTED BEGIN NAME`,
 /// `@@NESTED END NAME STATUS` and finally `@@NESTED DONE`.
 const MARKER: &str = "@@NESTED";
