@@ -105,7 +105,7 @@ struct RunArgs {
     initrd: Option<PathBuf>,
     /// Kernel command line. The test guest understands action=reset|count|
     /// touch:PAGES:BYTE|ticks:N|cpus. Default: none for the test guest,
-    /// "console=ttyS0 panic=-1 pci=off" for a bzImage.
+    /// "console=ttyS0 panic=-1 pci=off reboot=k" for a bzImage.
     #[arg(long)]
     cmdline: Option<String>,
     /// Number of vCPUs.
