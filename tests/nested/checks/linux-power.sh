@@ -1,6 +1,6 @@
 # A Linux guest's poweroff ends `minivmm run` through the ACPI sleep
-# registers (FADT, port 0x600) and its reboot through the FADT reset register
-# (the i8042): both are a clean end, exit 0. The guest is the Debian kernel
+# registers (FADT, port 0x600) and its reboot through the i8042 (minivmm's
+# default Linux command line has reboot=k): both are a clean end, exit 0. The guest is the Debian kernel
 # with a two-line busybox /init.
 set -e
 R=/tmp/linux-power-root
