@@ -2,26 +2,10 @@
 //! because it needs panic=abort, its own linker script and no std) with a
 //! nested cargo, and leaves the ELF in OUT_DIR for `include_bytes!`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-fn watch(dir: &Path) {
-    println!("cargo:rerun-if-changed={}", dir.display());
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            let name = e.file_name();
-            if name == "target" {
-                continue;
-            }
-            if p.is_dir() {
-                watch(&p);
-            } else {
-                println!("cargo:rerun-if-changed={}", p.display());
-            }
-        }
-    }
-}
+include!("../nested_cargo.rs");
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -42,17 +26,7 @@ fn main() {
         .arg(&target_dir);
     // Nothing of the outer build's configuration may leak into the guest's:
     // it has its own flags (build.rs of the guest) and target.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().to_string();
-        if k.starts_with("CARGO_") && k != "CARGO_HOME"
-            || k == "RUSTFLAGS"
-            || k == "RUSTC_WRAPPER"
-            || k == "RUSTC_WORKSPACE_WRAPPER"
-            || k == "RUSTDOCFLAGS"
-        {
-            cmd.env_remove(&k);
-        }
-    }
+    scrub_outer_build_env(&mut cmd);
     let status = cmd
         .status()
         .expect("cannot run cargo to build the test guest");

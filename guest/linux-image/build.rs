@@ -2,25 +2,10 @@
 //! nested cargo, and leaves it in OUT_DIR for `include_bytes!`: it becomes
 //! `/init` of the Linux guest image, where no shared libraries exist.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-fn watch(dir: &Path) {
-    println!("cargo:rerun-if-changed={}", dir.display());
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if e.file_name() == "target" {
-                continue;
-            }
-            if p.is_dir() {
-                watch(&p);
-            } else {
-                println!("cargo:rerun-if-changed={}", p.display());
-            }
-        }
-    }
-}
+include!("../nested_cargo.rs");
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -41,17 +26,7 @@ fn main() {
     // Nothing of the outer build's configuration may leak in; the agent gets
     // exactly one flag: static linking (with --target it applies to the
     // agent only, not to build scripts and proc macros).
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().to_string();
-        if k.starts_with("CARGO_") && k != "CARGO_HOME"
-            || k == "RUSTFLAGS"
-            || k == "RUSTC_WRAPPER"
-            || k == "RUSTC_WORKSPACE_WRAPPER"
-            || k == "RUSTDOCFLAGS"
-        {
-            cmd.env_remove(&k);
-        }
-    }
+    scrub_outer_build_env(&mut cmd);
     cmd.env("RUSTFLAGS", "-C target-feature=+crt-static");
     let status = cmd
         .status()

@@ -99,24 +99,7 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
 }
 
-fn watch(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    println!("cargo:rerun-if-changed={}", dir.display());
-    let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        if p.file_name().is_some_and(|n| n == "target") {
-            continue;
-        }
-        if p.is_dir() {
-            watch(&p);
-        } else {
-            println!("cargo:rerun-if-changed={}", p.display());
-        }
-    }
-}
+include!("../nested_cargo.rs");
 
 /// Builds the agent (release) into OUT_DIR with a cargo of its own.
 fn build_agent(dir: &Path, out_dir: &Path) -> PathBuf {
@@ -137,17 +120,7 @@ fn build_agent(dir: &Path, out_dir: &Path) -> PathBuf {
         .arg(&target_dir);
     // Nothing of this build's configuration may leak into the agent's: it
     // has its own link arguments (agent/build.rs) and flags.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().to_string();
-        if k.starts_with("CARGO_") && k != "CARGO_HOME"
-            || k == "RUSTFLAGS"
-            || k == "RUSTC_WRAPPER"
-            || k == "RUSTC_WORKSPACE_WRAPPER"
-            || k == "RUSTDOCFLAGS"
-        {
-            cmd.env_remove(&k);
-        }
-    }
+    scrub_outer_build_env(&mut cmd);
     let repo = dir
         .join("../..")
         .canonicalize()

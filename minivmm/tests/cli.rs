@@ -6,33 +6,12 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_minivmm");
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+
+use common::{minivmm, BIN, DEADLINE};
 
 fn temp_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("minivmm-cli-{}-{name}", std::process::id()))
-}
-
-/// Run minivmm with `args`; the process is killed if it outlives DEADLINE.
-fn minivmm(args: &[&str]) -> Output {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn minivmm");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for minivmm"),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("minivmm {args:?} did not finish within {DEADLINE:?}");
-        }
-    }
 }
 
 /// Assert a failure with exit code 1 and one stderr line containing `needle`.

@@ -3,34 +3,12 @@
 //! 2 vCPUs / 512 MiB kept running, and `minivmm agent ... details` on it.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_minivmm");
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
 
-/// Run minivmm to completion (killed if it outlives DEADLINE).
-fn minivmm(args: &[&str]) -> Output {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn minivmm");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for minivmm"),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("minivmm {args:?} did not finish within {DEADLINE:?}");
-        }
-    }
-}
+use common::{minivmm, BIN, DEADLINE};
 
 /// A directory removed when dropped.
 struct Dir(std::path::PathBuf);

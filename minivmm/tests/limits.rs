@@ -4,46 +4,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_minivmm");
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+
+use common::{minivmm, signal, wait_output, BIN, DEADLINE};
 
 fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("minivmm-limits-{}-{name}", std::process::id()))
-}
-
-/// Run minivmm with `args` to completion (killed past DEADLINE).
-fn minivmm(args: &[&str]) -> Output {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn minivmm");
-    wait_output(child)
-}
-
-fn wait_output(child: Child) -> Output {
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for minivmm"),
-        Err(_) => {
-            signal(pid, libc::SIGKILL);
-            panic!("minivmm (pid {pid}) did not finish within {DEADLINE:?}");
-        }
-    }
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a child we spawned and have not reaped yet.
-    unsafe { libc::kill(pid as i32, sig) };
 }
 
 /// A running minivmm whose stderr (or stdout) lines arrive on a channel.

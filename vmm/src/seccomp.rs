@@ -125,14 +125,7 @@ thread_local! {
 /// Install the filter of `kind` on the calling thread (and the SIGSYS
 /// reporter, once per process). Threads created afterwards inherit it.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
-    install_sigsys_handler()?;
-    let program = filter(kind)?;
-    seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install {
-        kind,
-        reason: e.to_string(),
-    })?;
-    KIND.with(|k| k.set(kind.code()));
-    Ok(())
+    install_with(kind, seccompiler::apply_filter)
 }
 
 /// Install the filter of `kind` on every thread of the process at once
@@ -141,9 +134,18 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
 /// virtiofsd: a filter installed before spawning would be inherited by the
 /// daemon itself).
 pub fn install_all_threads(kind: ThreadKind) -> Result<(), SeccompError> {
+    install_with(kind, seccompiler::apply_filter_all_threads)
+}
+
+/// Install the filter of `kind` through `apply` (this thread or all of
+/// them), after the SIGSYS reporter, and remember `kind` for its reports.
+fn install_with(
+    kind: ThreadKind,
+    apply: impl FnOnce(&[seccompiler::sock_filter]) -> Result<(), seccompiler::Error>,
+) -> Result<(), SeccompError> {
     install_sigsys_handler()?;
     let program = filter(kind)?;
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| SeccompError::Install {
+    apply(&program).map_err(|e| SeccompError::Install {
         kind,
         reason: e.to_string(),
     })?;

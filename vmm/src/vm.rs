@@ -496,20 +496,26 @@ impl Vm {
         if self.vcpu_fds.is_empty() {
             return Err(VmError::AlreadyStarted);
         }
-        for (i, fd) in self.vcpu_fds.drain(..).enumerate() {
-            let ctx = VcpuContext {
-                id: i as u32,
-                vm_id: self.id.clone(),
-                pio: self.pio.clone(),
-                mmio: self.mmio.clone(),
-                control: self.control.clone(),
-            };
-            let handle = vcpu::spawn(fd, ctx).map_err(|source| VmError::Host {
-                what: "vCPU thread",
-                source,
-            })?;
-            self.vcpus.push(handle);
+        for (i, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
+            self.spawn_vcpu(i as u32, fd)?;
         }
+        Ok(())
+    }
+
+    /// Run vCPU `id` (configured on `fd`) on its own thread.
+    fn spawn_vcpu(&mut self, id: u32, fd: kvm_ioctls::VcpuFd) -> Result<(), VmError> {
+        let ctx = VcpuContext {
+            id,
+            vm_id: self.id.clone(),
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            control: self.control.clone(),
+        };
+        let handle = vcpu::spawn(fd, ctx).map_err(|source| VmError::Host {
+            what: "vCPU thread",
+            source,
+        })?;
+        self.vcpus.push(handle);
         Ok(())
     }
 
@@ -595,18 +601,7 @@ impl Vm {
             boot::regs::configure_common(&fd, i, total, &supported)?;
             boot::regs::configure_64bit_entry(&fd, i, start.entry, start.pvm_native)?;
             self.control.add_vcpu()?;
-            let ctx = VcpuContext {
-                id: i,
-                vm_id: self.id.clone(),
-                pio: self.pio.clone(),
-                mmio: self.mmio.clone(),
-                control: self.control.clone(),
-            };
-            let handle = vcpu::spawn(fd, ctx).map_err(|source| VmError::Host {
-                what: "vCPU thread",
-                source,
-            })?;
-            self.vcpus.push(handle);
+            self.spawn_vcpu(i, fd)?;
         }
         tracing::info!(vm = %self.id, added = n, vcpus = total, "vCPUs added");
         Ok(())

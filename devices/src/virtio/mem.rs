@@ -13,13 +13,12 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    drain_event, new_queues, ActivateError, ActiveState, Interrupt, VirtioDevice,
+    drain_event, ActivateError, ActiveState, Interrupt, VirtioCore, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 
@@ -212,9 +211,7 @@ pub struct MemState {
 /// The memory device.
 pub struct Mem {
     vm_id: String,
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
-    acked_features: u64,
+    core: VirtioCore,
     active: Option<ActiveState>,
     region: Arc<MemRegion>,
     requested_size: u64,
@@ -227,13 +224,11 @@ pub struct Mem {
 impl Mem {
     /// A new device over `region`, nothing plugged or requested.
     pub fn new(vm_id: &str, region: Arc<MemRegion>) -> Result<Self, MemError> {
-        let (queues, queue_events) = new_queues(&[MEM_QUEUE_SIZE])?;
+        let core = VirtioCore::new(1 << VIRTIO_F_VERSION_1, &[MEM_QUEUE_SIZE])?;
         let blocks = (region.size() / MEM_BLOCK_SIZE) as usize;
         Ok(Mem {
             vm_id: vm_id.to_owned(),
-            queues,
-            queue_events,
-            acked_features: 0,
+            core,
             active: None,
             region,
             requested_size: 0,
@@ -275,7 +270,7 @@ impl Mem {
         }
         dev.plugged.clone_from(&state.plugged);
         dev.requested_size = state.requested_size;
-        dev.acked_features = state.acked_features & dev.avail_features();
+        dev.set_acked_features(state.acked_features);
         Ok(dev)
     }
 
@@ -286,7 +281,7 @@ impl Mem {
             region_size: self.region.size(),
             requested_size: self.requested_size,
             plugged: self.plugged.clone(),
-            acked_features: self.acked_features,
+            acked_features: self.core.acked_features,
         }
     }
 
@@ -412,27 +407,27 @@ impl Mem {
         let mem = active.mem.clone();
         let mut served = 0u16;
         let mut any = false;
-        while let Some(chain) = self.queues[0].pop_descriptor_chain(&mem) {
+        while let Some(chain) = self.core.queues[0].pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let len = self.serve(&mem, chain).unwrap_or_else(|e| {
                 tracing::debug!(vm = %self.vm_id, "virtio-mem request {head}: {e}");
                 0
             });
-            if let Err(e) = self.queues[0].add_used(&mem, head, len) {
+            if let Err(e) = self.core.queues[0].add_used(&mem, head, len) {
                 tracing::warn!(vm = %self.vm_id, "virtio-mem used ring update failed: {e}");
                 break;
             }
             any = true;
             served += 1;
-            if served >= self.queues[0].size() {
-                if let Err(e) = self.queue_events[0].write(1) {
+            if served >= self.core.queues[0].size() {
+                if let Err(e) = self.core.queue_events[0].write(1) {
                     tracing::warn!(vm = %self.vm_id, "virtio-mem reschedule failed: {e}");
                 }
                 break;
             }
         }
         if let Some(active) = &self.active {
-            if any && self.queues[0].needs_notification(&mem).unwrap_or(true) {
+            if any && self.core.queues[0].needs_notification(&mem).unwrap_or(true) {
                 active.interrupt.signal_used_queue();
             }
         }
@@ -473,28 +468,12 @@ impl VirtioDevice for Mem {
         VIRTIO_ID_MEM
     }
 
-    fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+    fn core(&self) -> &VirtioCore {
+        &self.core
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    fn core_mut(&mut self) -> &mut VirtioCore {
+        &mut self.core
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -524,7 +503,7 @@ impl VirtioDevice for Mem {
             interrupt.signal_config_change();
         }
         self.active = Some(ActiveState { mem, interrupt });
-        if let Err(e) = self.queue_events[0].write(1) {
+        if let Err(e) = self.core.queue_events[0].write(1) {
             tracing::warn!(vm = %self.vm_id, "virtio-mem initial kick failed: {e}");
         }
         Ok(())
@@ -538,10 +517,7 @@ impl VirtioDevice for Mem {
     /// memory is plugged).
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
-        for q in &mut self.queues {
-            q.reset();
-        }
+        self.core.reset();
         if self.plugged.iter().any(|&p| p) {
             self.region.discard(0, self.region.size());
             self.plugged.fill(false);
@@ -551,12 +527,12 @@ impl VirtioDevice for Mem {
 
 impl MutEventSubscriber for Mem {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        drain_event(&self.queue_events[0]);
+        drain_event(&self.core.queue_events[0]);
         self.process_requests();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.core.queue_events[0], EventSet::IN)) {
             tracing::error!(vm = %self.vm_id, "virtio-mem: registering the queue event: {e}");
         }
     }

@@ -136,18 +136,35 @@ pub enum ActivateError {
 pub trait VirtioDevice: MutEventSubscriber + Send {
     /// Device ID (virtio 1.2 §5).
     fn device_type(&self) -> u32;
+    /// The features and queues every device keeps the same way.
+    fn core(&self) -> &VirtioCore;
+    /// Mutable access to [`VirtioDevice::core`].
+    fn core_mut(&mut self) -> &mut VirtioCore;
     /// Feature bits the device offers.
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.core().avail_features
+    }
     /// Feature bits the driver accepted (0 until FEATURES_OK).
-    fn acked_features(&self) -> u64;
+    fn acked_features(&self) -> u64 {
+        self.core().acked_features
+    }
     /// Record the features the driver accepted (a subset of `avail_features`).
-    fn set_acked_features(&mut self, features: u64);
+    fn set_acked_features(&mut self, features: u64) {
+        let core = self.core_mut();
+        core.acked_features = features & core.avail_features;
+    }
     /// The device's queues, in virtio queue index order.
-    fn queues(&self) -> &[Queue];
+    fn queues(&self) -> &[Queue] {
+        &self.core().queues
+    }
     /// Mutable access to the queues, for the transport's configuration writes.
-    fn queues_mut(&mut self) -> &mut [Queue];
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.core_mut().queues
+    }
     /// One event fd per queue, signalled when the guest notifies that queue.
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        &self.core().queue_events
+    }
     /// Read device configuration space at `offset` (relative to its start).
     /// Out-of-range bytes are left untouched.
     fn read_config(&self, offset: u64, data: &mut [u8]);
@@ -163,22 +180,48 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn reset(&mut self);
 }
 
-/// Create one queue and one non-blocking notify event fd per entry of `max_sizes`.
-pub(crate) fn new_queues(max_sizes: &[u16]) -> std::io::Result<(Vec<Queue>, Vec<EventFd>)> {
-    use virtio_queue::QueueT;
-    let mut queues = Vec::with_capacity(max_sizes.len());
-    let mut events = Vec::with_capacity(max_sizes.len());
-    for &size in max_sizes {
-        let queue = Queue::new(size).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("queue size {size}: {e}"),
-            )
-        })?;
-        queues.push(queue);
-        events.push(EventFd::new(libc::EFD_NONBLOCK)?);
+/// What every virtio device holds the same way: the features it offers and
+/// the driver accepted, its queues and their notify event fds.
+pub struct VirtioCore {
+    avail_features: u64,
+    pub(crate) acked_features: u64,
+    pub(crate) queues: Vec<Queue>,
+    pub(crate) queue_events: Vec<EventFd>,
+}
+
+impl VirtioCore {
+    /// Offer `avail_features`; one queue and one non-blocking notify event fd
+    /// per entry of `max_sizes`.
+    pub(crate) fn new(avail_features: u64, max_sizes: &[u16]) -> std::io::Result<Self> {
+        use virtio_queue::QueueT;
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        let mut queue_events = Vec::with_capacity(max_sizes.len());
+        for &size in max_sizes {
+            let queue = Queue::new(size).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("queue size {size}: {e}"),
+                )
+            })?;
+            queues.push(queue);
+            queue_events.push(EventFd::new(libc::EFD_NONBLOCK)?);
+        }
+        Ok(VirtioCore {
+            avail_features,
+            acked_features: 0,
+            queues,
+            queue_events,
+        })
     }
-    Ok((queues, events))
+
+    /// Forget the accepted features and reset every queue (virtio 1.2 §2.1.2).
+    pub(crate) fn reset(&mut self) {
+        use virtio_queue::QueueT;
+        self.acked_features = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+    }
 }
 
 /// Read (and so clear) a non-blocking event fd, ignoring "nothing pending".

@@ -6,14 +6,13 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
+use virtio_queue::{QueueOwnedT, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
-    drain_event, new_queues, ActivateError, ActiveState, Interrupt, VirtioDevice,
+    drain_event, ActivateError, ActiveState, Interrupt, VirtioCore, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
 };
 
@@ -87,9 +86,7 @@ impl TokenBucket {
 /// The entropy device.
 pub struct Rng {
     vm_id: String,
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
-    acked_features: u64,
+    core: VirtioCore,
     active: Option<ActiveState>,
     buf: Vec<u8>,
     /// What the guest may draw (the host's entropy is shared by every VM).
@@ -108,14 +105,12 @@ impl Rng {
     /// A new, inactive entropy device giving at most `rate` bytes per second
     /// after an initial `burst`.
     pub fn with_rate_limit(vm_id: &str, rate: u64, burst: u64) -> std::io::Result<Self> {
-        let (queues, queue_events) = new_queues(&[RNG_QUEUE_SIZE])?;
+        let core = VirtioCore::new(1 << VIRTIO_F_VERSION_1, &[RNG_QUEUE_SIZE])?;
         let refill_timer = TimerFd::new()?;
         set_nonblocking(refill_timer.as_raw_fd())?;
         Ok(Rng {
             vm_id: vm_id.to_owned(),
-            queues,
-            queue_events,
-            acked_features: 0,
+            core,
             active: None,
             buf: Vec::new(),
             limit: TokenBucket::new(rate, burst),
@@ -128,7 +123,7 @@ impl Rng {
     /// then reschedule itself so other devices get a turn).
     pub(crate) fn process_requests(&mut self) {
         let Some(active) = &self.active else { return };
-        let queue = &mut self.queues[0];
+        let queue = &mut self.core.queues[0];
         let mut served = 0u16;
         let mut throttled = None;
         while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
@@ -161,7 +156,7 @@ impl Rng {
             }
             served += 1;
             if served >= queue.size() {
-                if let Err(e) = self.queue_events[0].write(1) {
+                if let Err(e) = self.core.queue_events[0].write(1) {
                     tracing::warn!(vm = %self.vm_id, "virtio-rng reschedule failed: {e}");
                 }
                 break;
@@ -232,28 +227,12 @@ impl VirtioDevice for Rng {
         VIRTIO_ID_RNG
     }
 
-    fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+    fn core(&self) -> &VirtioCore {
+        &self.core
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    fn core_mut(&mut self) -> &mut VirtioCore {
+        &mut self.core
     }
 
     /// virtio-rng has no configuration space (virtio 1.2 §5.4.4).
@@ -271,7 +250,7 @@ impl VirtioDevice for Rng {
         }
         self.active = Some(ActiveState { mem, interrupt });
         // The driver may have queued requests before DRIVER_OK.
-        if let Err(e) = self.queue_events[0].write(1) {
+        if let Err(e) = self.core.queue_events[0].write(1) {
             tracing::warn!(vm = %self.vm_id, "virtio-rng initial kick failed: {e}");
         }
         Ok(())
@@ -283,12 +262,9 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
         let _ = self.refill_timer.clear();
         self.timer_armed = false;
-        for q in &mut self.queues {
-            q.reset();
-        }
+        self.core.reset();
     }
 }
 
@@ -299,7 +275,7 @@ impl MutEventSubscriber for Rng {
             let _ = self.refill_timer.wait();
             self.timer_armed = false;
         } else {
-            drain_event(&self.queue_events[0]);
+            drain_event(&self.core.queue_events[0]);
         }
         // While throttled, the timer (not every guest notification) resumes work.
         if !self.timer_armed {
@@ -308,7 +284,11 @@ impl MutEventSubscriber for Rng {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.queue_events[0], 0, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.core.queue_events[0],
+            0,
+            EventSet::IN,
+        )) {
             tracing::error!(vm = %self.vm_id, "virtio-rng: registering the queue event: {e}");
         }
         if let Err(e) = ops.add(Events::with_data(

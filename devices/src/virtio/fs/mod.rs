@@ -32,15 +32,14 @@ use serde::{Deserialize, Serialize};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    drain_event, new_queues, ActivateError, ActiveState, Interrupt, VirtioDevice,
+    drain_event, ActivateError, ActiveState, Interrupt, VirtioCore, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 use shadow::{complete_with_error, ShadowLayout, ShadowQueue};
@@ -137,9 +136,7 @@ pub struct SavedRequest {
 pub struct Fs {
     vm_id: String,
     tag: String,
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
-    acked_features: u64,
+    core: VirtioCore,
     active: Option<ActiveState>,
     bounce: GuestMemoryMmap,
     shadows: Vec<ShadowQueue>,
@@ -251,14 +248,15 @@ impl Fs {
         shadows: Vec<ShadowQueue>,
         backend_fd: RawFd,
     ) -> Result<Fs, FsError> {
-        let (queues, queue_events) =
-            new_queues(&[GUEST_QUEUE_SIZE, GUEST_QUEUE_SIZE]).map_err(FsError::Queues)?;
+        let core = VirtioCore::new(
+            1 << VIRTIO_F_VERSION_1,
+            &[GUEST_QUEUE_SIZE, GUEST_QUEUE_SIZE],
+        )
+        .map_err(FsError::Queues)?;
         Ok(Fs {
             vm_id: vm_id.to_owned(),
             tag: tag.to_owned(),
-            queues,
-            queue_events,
-            acked_features: 0,
+            core,
             active: None,
             bounce,
             shadows,
@@ -306,7 +304,8 @@ impl Fs {
     /// Serve queue `q`: the backend's replies, then the guest's new requests.
     fn process_queue(&mut self, q: usize) {
         let Some(active) = &self.active else { return };
-        let (Some(queue), Some(shadow)) = (self.queues.get_mut(q), self.shadows.get_mut(q)) else {
+        let (Some(queue), Some(shadow)) = (self.core.queues.get_mut(q), self.shadows.get_mut(q))
+        else {
             return;
         };
         let done = shadow.take_backend_replies(queue, &active.mem, &self.bounce);
@@ -334,8 +333,8 @@ impl Fs {
             }
             return;
         };
-        for q in 0..self.queues.len() {
-            let queue = &mut self.queues[q];
+        for q in 0..self.core.queues.len() {
+            let queue = &mut self.core.queues[q];
             let shadow = &mut self.shadows[q];
             // Replies it managed to post before it went still count.
             let done = shadow.take_backend_replies(queue, &active.mem, &self.bounce);
@@ -344,7 +343,7 @@ impl Fs {
                 active.interrupt.signal_used_queue();
             }
         }
-        for q in 0..self.queues.len() {
+        for q in 0..self.core.queues.len() {
             self.process_queue(q);
         }
     }
@@ -444,28 +443,12 @@ impl VirtioDevice for Fs {
         VIRTIO_ID_FS
     }
 
-    fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+    fn core(&self) -> &VirtioCore {
+        &self.core
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    fn core_mut(&mut self) -> &mut VirtioCore {
+        &mut self.core
     }
 
     /// `tag[36]` then `le32 num_request_queues` (virtio 1.2 §5.11.4).
@@ -496,7 +479,7 @@ impl VirtioDevice for Fs {
         // Requests the backend of the snapshotted VM held: answered with an
         // error (its successor never saw them).
         for r in std::mem::take(&mut self.restored) {
-            if let Some(queue) = self.queues.get_mut(usize::from(r.queue)) {
+            if let Some(queue) = self.core.queues.get_mut(usize::from(r.queue)) {
                 let writable: Vec<(u64, u32)> = r
                     .writable
                     .iter()
@@ -517,7 +500,7 @@ impl VirtioDevice for Fs {
             interrupt.signal_used_queue();
         }
         self.active = Some(ActiveState { mem, interrupt });
-        for evt in &self.queue_events {
+        for evt in &self.core.queue_events {
             if let Err(e) = evt.write(1) {
                 tracing::warn!(vm = %self.vm_id, "virtio-fs initial kick failed: {e}");
             }
@@ -531,10 +514,7 @@ impl VirtioDevice for Fs {
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
-        for q in &mut self.queues {
-            q.reset();
-        }
+        self.core.reset();
         // The backend keeps its shadow rings; replies to the old requests
         // are dropped when they come.
         for s in &mut self.shadows {
@@ -553,9 +533,9 @@ impl MutEventSubscriber for Fs {
             self.backend_lost();
             return;
         }
-        for q in 0..self.queues.len() {
-            if fd == self.queue_events[q].as_raw_fd() {
-                drain_event(&self.queue_events[q]);
+        for q in 0..self.core.queues.len() {
+            if fd == self.core.queue_events[q].as_raw_fd() {
+                drain_event(&self.core.queue_events[q]);
                 self.process_queue(q);
                 return;
             }
@@ -568,7 +548,12 @@ impl MutEventSubscriber for Fs {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds: Vec<RawFd> = self.queue_events.iter().map(|e| e.as_raw_fd()).collect();
+        let mut fds: Vec<RawFd> = self
+            .core
+            .queue_events
+            .iter()
+            .map(|e| e.as_raw_fd())
+            .collect();
         fds.extend(self.shadows.iter().map(|s| s.call.as_raw_fd()));
         for fd in fds {
             if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {

@@ -28,15 +28,14 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use self::muxer::Muxer;
 use self::packet::{PacketHeader, EVENT_TRANSPORT_RESET, HDR_LEN};
 use super::{
-    drain_event, new_queues, ActivateError, ActiveState, Interrupt, VirtioDevice,
+    drain_event, ActivateError, ActiveState, Interrupt, VirtioCore, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
 };
 
@@ -91,9 +90,7 @@ pub enum VsockError {
 pub struct Vsock {
     vm_id: String,
     guest_cid: u64,
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
-    acked_features: u64,
+    core: VirtioCore,
     active: Option<ActiveState>,
     muxer: Muxer,
     /// Payload staging, MAX_PKT_PAYLOAD bytes.
@@ -158,8 +155,8 @@ impl Vsock {
         if !(3..=0xffff_fffe).contains(&guest_cid) {
             return Err(VsockError::InvalidCid(guest_cid));
         }
-        let (queues, queue_events) =
-            new_queues(&[VSOCK_QUEUE_SIZE; 3]).map_err(VsockError::Queues)?;
+        let core = VirtioCore::new(1 << VIRTIO_F_VERSION_1, &[VSOCK_QUEUE_SIZE; 3])
+            .map_err(VsockError::Queues)?;
         let muxer = Muxer::new(vm_id, guest_cid, uds_path).map_err(|source| VsockError::Bind {
             path: uds_path.to_owned(),
             source,
@@ -167,9 +164,7 @@ impl Vsock {
         Ok(Vsock {
             vm_id: vm_id.to_owned(),
             guest_cid,
-            queues,
-            queue_events,
-            acked_features: 0,
+            core,
             active: None,
             muxer,
             buf: vec![0; MAX_PKT_PAYLOAD],
@@ -231,14 +226,14 @@ impl Vsock {
         let Some(active) = &self.active else {
             return false;
         };
-        self.queues[queue]
+        self.core.queues[queue]
             .needs_notification(&active.mem)
             .unwrap_or(true)
     }
 
     /// Reschedule a queue whose batch limit was hit.
     fn kick_self(&self, queue: usize) {
-        if let Err(e) = self.queue_events[queue].write(1) {
+        if let Err(e) = self.core.queue_events[queue].write(1) {
             tracing::warn!(vm = %self.vm_id, "vsock: rescheduling queue {queue}: {e}");
         }
     }
@@ -249,7 +244,7 @@ impl Vsock {
         let Some(active) = &self.active else {
             return false;
         };
-        let queue = &mut self.queues[TX_QUEUE];
+        let queue = &mut self.core.queues[TX_QUEUE];
         let mut used = 0u16;
         let mut batch_full = false;
         while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
@@ -283,7 +278,7 @@ impl Vsock {
         let (Some(at), Some(active)) = (self.reset_unacked_at, &self.active) else {
             return true;
         };
-        match self.queues[EVENT_QUEUE].avail_idx(&active.mem, Ordering::Acquire) {
+        match self.core.queues[EVENT_QUEUE].avail_idx(&active.mem, Ordering::Acquire) {
             Ok(idx) if idx == at => false,
             _ => {
                 self.reset_unacked_at = None;
@@ -301,7 +296,7 @@ impl Vsock {
         let Some(active) = &self.active else {
             return false;
         };
-        let queue = &mut self.queues[RX_QUEUE];
+        let queue = &mut self.core.queues[RX_QUEUE];
         let mut used = 0u16;
         let mut batch_full = false;
         while self.muxer.has_rx() {
@@ -361,7 +356,7 @@ impl Vsock {
         let Some(active) = &self.active else {
             return false;
         };
-        let queue = &mut self.queues[EVENT_QUEUE];
+        let queue = &mut self.core.queues[EVENT_QUEUE];
         let mut used = 0u16;
         while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
@@ -418,28 +413,12 @@ impl VirtioDevice for Vsock {
         VIRTIO_ID_VSOCK
     }
 
-    fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+    fn core(&self) -> &VirtioCore {
+        &self.core
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    fn core_mut(&mut self) -> &mut VirtioCore {
+        &mut self.core
     }
 
     /// `struct virtio_vsock_config { le64 guest_cid; }` (virtio 1.2 §5.10.4).
@@ -482,12 +461,9 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.muxer.stop();
-        self.acked_features = 0;
         self.reset_event_pending = false;
         self.reset_unacked_at = None;
-        for q in &mut self.queues {
-            q.reset();
-        }
+        self.core.reset();
     }
 }
 
@@ -495,7 +471,7 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             MUXER_EVENT => self.muxer.handle_host_events(),
-            q => match self.queue_events.get(q as usize) {
+            q => match self.core.queue_events.get(q as usize) {
                 Some(evt) => drain_event(evt),
                 None => tracing::warn!(vm = %self.vm_id, "vsock: unexpected event {q}"),
             },
@@ -516,7 +492,7 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, evt) in (0u32..).zip(&self.queue_events) {
+        for (index, evt) in (0u32..).zip(&self.core.queue_events) {
             if let Err(e) = ops.add(Events::with_data(evt, index, EventSet::IN)) {
                 tracing::error!(vm = %self.vm_id, "vsock: registering queue {index}: {e}");
             }
