@@ -32,14 +32,34 @@ pub const QEMU_INSTALL: &str = "apt-get install -y qemu-system-x86";
 pub const OUTER_MEM_MIB: u32 = 4096;
 /// Directory of the check scripts.
 pub const CHECKS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/checks");
-/// Default deadline for the whole outer VM run (boot, every check, poweroff).
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(25 * 60);
+/// Default deadline for one outer VM run (boot, every check, poweroff).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(20 * 60);
 /// Default deadline for one check inside the outer VM.
-pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(8 * 60);
+/// Default number of outer VM boots: a fresh outer VM reruns the checks an
+/// outer-kernel lockup left unfinished (see [`OUTER_LOCKUP`]), once.
+pub const DEFAULT_ATTEMPTS: u32 = 2;
+/// Default vCPUs of the outer VM.
+pub const DEFAULT_OUTER_CPUS: u32 = 2;
+/// Console lines with which the *outer* kernel reports that it has locked
+/// up. Under QEMU's software emulation of SVM the outer kernel has been seen
+/// to lock up for good (both CPUs in soft lockup, RCU stalled) while nested
+/// guests ran; that is a fault of the emulator stack below minivmm, which
+/// runs as a process in the outer VM and cannot stop its kernel.
+pub const OUTER_LOCKUP: &[&str] = &[
+    "watchdog: BUG: soft lockup",
+    "detected stalls on CPUs/tasks",
+    "self-detected stall on CPU",
+    "Watchdog detected hard LOCKUP",
+];
+/// How long the outer VM may print nothing but kernel messages after a
+/// lockup report before it is declared hung and killed.
+pub const LOCKUP_GRACE: Duration = Duration::from_secs(120);
 /// Kernel modules the outer VM loads (with their dependencies) for `/dev/kvm`.
 const OUTER_MODULES: &[&str] = &["kvm_amd"];
 /// Command line of the outer kernel: serial console, exit on panic
 /// (QEMU runs with -no-reboot), little kernel chatter between the markers.
+/// The checks to run follow as `nested_checks=a,b,c`.
 const OUTER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet no_timer_check rdinit=/init";
 /// Console marker prefix; the outer /init prints `@@NESTED BEGIN NAME`,
 /// `@@NESTED END NAME STATUS` and finally `@@NESTED DONE`.
@@ -96,6 +116,19 @@ pub enum BedError {
         /// Checks that finished before.
         finished: Vec<CheckResult>,
     },
+    /// The outer kernel reported a lockup and made no progress after it;
+    /// QEMU was killed.
+    #[error(
+        "the outer VM's kernel locked up{during} and was killed (last console lines:\n{tail})"
+    )]
+    OuterHung {
+        /// " during check NAME", or empty.
+        during: String,
+        /// The end of its console.
+        tail: String,
+        /// Checks that finished before.
+        finished: Vec<CheckResult>,
+    },
     /// QEMU ended without the outer /init's final marker.
     #[error(
         "the outer VM ended ({status}) before running every check (last console lines:\n{tail})"
@@ -140,8 +173,11 @@ pub struct Report {
     pub checks: Vec<CheckResult>,
     /// Time spent building the outer VM's pieces.
     pub build: Duration,
-    /// Time the outer VM ran (boot, checks, poweroff).
+    /// Time the outer VM ran (boot, checks, poweroff), over every boot.
     pub run: Duration,
+    /// Outer VM boots that ended in an outer-kernel lockup and were
+    /// replaced by a fresh boot, each described in one line.
+    pub retried: Vec<String>,
 }
 
 impl Report {
@@ -163,6 +199,11 @@ pub struct Options {
     pub deadline: Duration,
     /// Deadline for each check inside.
     pub check_timeout: Duration,
+    /// Outer VM boots at most (a boot that locks up is replaced by a fresh
+    /// one running the unfinished checks).
+    pub attempts: u32,
+    /// vCPUs of the outer VM.
+    pub outer_cpus: u32,
     /// Progress and console lines for people.
     pub progress: Box<dyn FnMut(&str) + Send>,
 }
@@ -176,6 +217,8 @@ impl Options {
             cache: deb::default_cache_dir(),
             deadline: DEFAULT_DEADLINE,
             check_timeout: DEFAULT_CHECK_TIMEOUT,
+            attempts: DEFAULT_ATTEMPTS,
+            outer_cpus: DEFAULT_OUTER_CPUS,
             progress: Box::new(|line| eprintln!("nested: {line}")),
         }
     }
@@ -345,8 +388,9 @@ fn add_binary(archive: &mut Archive, dest: &str, binary: &Path) -> Result<(), Be
     Ok(())
 }
 
-/// The outer VM's `/init`: mounts, /dev/kvm, then every check in
-/// /nested/checks.list with markers around its output, then poweroff.
+/// The outer VM's `/init`: mounts, /dev/kvm, then every check named by
+/// `nested_checks=` on the kernel command line with markers around its
+/// output, then poweroff.
 fn outer_init(check_timeout: Duration) -> String {
     format!(
         r#"#!/bin/busybox sh
@@ -363,7 +407,8 @@ for m in $(cat /nested/modules.order); do
 done
 echo "{MARKER} READY $(uname -r) $(grep -c ^processor /proc/cpuinfo) cpus"
 cd /tmp
-for c in $(cat /nested/checks.list); do
+checks=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^nested_checks=//p' | tr ',' ' ')
+for c in $checks; do
     echo "{MARKER} BEGIN $c"
     NESTED=/nested NESTED_LINUX=/nested/linux timeout {secs} sh "/nested/checks/$c.sh" </dev/null 2>&1
     echo "{MARKER} END $c $?"
@@ -459,11 +504,6 @@ fn build_outer(opts: &mut Options, checks: &[String]) -> Result<(PathBuf, PathBu
         let src = Path::new(CHECKS_DIR).join(format!("{c}.sh"));
         add_host_file(&mut archive, &format!("nested/checks/{c}.sh"), &src, 0o755)?;
     }
-    archive.add_file(
-        "nested/checks.list",
-        0o644,
-        (checks.join("\n") + "\n").into_bytes(),
-    )?;
 
     let vmlinuz = work.join("outer-vmlinuz");
     std::fs::copy(&tree.vmlinuz, &vmlinuz).map_err(io_err("cannot copy to", &vmlinuz))?;
@@ -514,21 +554,112 @@ pub fn parse_console(console: &str) -> (Vec<CheckResult>, bool) {
     (results, done)
 }
 
-/// Boot the outer VM and collect the checks' results, killing QEMU at the deadline.
-fn run_outer(
-    vmlinuz: &Path,
-    initramfs: &Path,
+/// Whether a console line is a kernel message (`[   12.345678] ...`) rather
+/// than output of /init or a check.
+fn is_kernel_line(line: &str) -> bool {
+    let l = line.trim_start();
+    l.starts_with('[')
+        && l[1..]
+            .trim_start()
+            .starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// The check a console so far is inside of (begun, not ended), if any.
+fn running_check(console: &str) -> Option<String> {
+    let mut current = None;
+    for line in console.lines() {
+        match line.strip_prefix(MARKER).map(str::split_whitespace) {
+            Some(mut w) => match (w.next(), w.next()) {
+                (Some("BEGIN"), Some(name)) => current = Some(name.to_string()),
+                (Some("END"), _) => current = None,
+                _ => {}
+            },
+            None => continue,
+        }
+    }
+    current
+}
+
+/// One boot of the outer VM.
+struct Boot<'a> {
+    vmlinuz: &'a Path,
+    initramfs: &'a Path,
+    checks: &'a [String],
+    cpus: u32,
     deadline: Duration,
+}
+
+/// How the console watch ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Watch {
+    /// QEMU closed its console: it ended.
+    Ended,
+    /// The deadline passed.
+    Overran,
+    /// The outer kernel reported a lockup and nothing but kernel messages
+    /// followed for [`LOCKUP_GRACE`].
+    Hung,
+}
+
+/// Read console lines from `rx` until QEMU closes it, `deadline` passes, or
+/// the outer kernel reports a lockup and only kernel messages follow for
+/// `grace`. Returns how it ended and the console.
+fn watch_console(
+    rx: &mpsc::Receiver<String>,
+    deadline: Duration,
+    grace: Duration,
     progress: &mut dyn FnMut(&str),
-) -> Result<Vec<CheckResult>, BedError> {
+) -> (Watch, String) {
+    let start = Instant::now();
+    let mut console = String::new();
+    // When the outer kernel reported a lockup with no output of /init or a
+    // check since.
+    let mut lockup_since: Option<Instant> = None;
+    let watch = loop {
+        let mut left = deadline.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break Watch::Overran;
+        }
+        if let Some(since) = lockup_since {
+            let grace_left = grace.saturating_sub(since.elapsed());
+            if grace_left.is_zero() {
+                break Watch::Hung;
+            }
+            left = left.min(grace_left);
+        }
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r');
+                progress(&format!("| {line}"));
+                if OUTER_LOCKUP.iter().any(|sig| line.contains(sig)) {
+                    lockup_since.get_or_insert_with(Instant::now);
+                } else if !is_kernel_line(line) && !line.trim().is_empty() {
+                    lockup_since = None;
+                }
+                console.push_str(line);
+                console.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Watch::Ended,
+            // The loop head decides between deadline and lockup.
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    };
+    (watch, console)
+}
+
+/// Boot the outer VM and collect the checks' results, killing QEMU at the
+/// deadline or when its kernel locks up.
+fn run_outer(boot: &Boot, progress: &mut dyn FnMut(&str)) -> Result<Vec<CheckResult>, BedError> {
+    let cmdline = format!("{OUTER_CMDLINE} nested_checks={}", boot.checks.join(","));
     let mut child = Command::new(QEMU)
-        .args(["-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2"])
+        .args(["-machine", "q35,accel=tcg", "-cpu", "max"])
+        .args(["-smp", &boot.cpus.to_string()])
         .args(["-m", &OUTER_MEM_MIB.to_string()])
         .args(["-nographic", "-no-reboot", "-kernel"])
-        .arg(vmlinuz)
+        .arg(boot.vmlinuz)
         .arg("-initrd")
-        .arg(initramfs)
-        .args(["-append", OUTER_CMDLINE])
+        .arg(boot.initramfs)
+        .args(["-append", &cmdline])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -550,26 +681,8 @@ fn run_outer(
             }
         }
     });
-    let start = Instant::now();
-    let mut console = String::new();
-    let overran = loop {
-        let left = deadline.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            break true;
-        }
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let line = line.trim_end_matches('\r').to_string();
-                progress(&format!("| {line}"));
-                console.push_str(&line);
-                console.push('\n');
-            }
-            // QEMU closed its stdout: it ended.
-            Err(mpsc::RecvTimeoutError::Disconnected) => break false,
-            Err(mpsc::RecvTimeoutError::Timeout) => break true,
-        }
-    };
-    if overran {
+    let (watch, console) = watch_console(&rx, boot.deadline, LOCKUP_GRACE, progress);
+    if !matches!(watch, Watch::Ended) {
         let _ = child.kill();
     }
     let status = child.wait().map_err(|e| BedError::Tool {
@@ -578,12 +691,24 @@ fn run_outer(
     })?;
     let _ = reader.join();
     let (finished, done) = parse_console(&console);
-    if overran {
-        return Err(BedError::Deadline {
-            secs: deadline.as_secs(),
-            tail: tail(&console, 20),
-            finished,
-        });
+    match watch {
+        Watch::Overran => {
+            return Err(BedError::Deadline {
+                secs: boot.deadline.as_secs(),
+                tail: tail(&console, 20),
+                finished,
+            })
+        }
+        Watch::Hung => {
+            return Err(BedError::OuterHung {
+                during: running_check(&console)
+                    .map(|c| format!(" during check {c}"))
+                    .unwrap_or_default(),
+                tail: tail(&console, 20),
+                finished,
+            })
+        }
+        Watch::Ended => {}
     }
     if !done {
         let mut stderr = String::new();
@@ -632,7 +757,45 @@ pub fn run(mut opts: Options) -> Result<Report, BedError> {
         checks.join(" ")
     ));
     let start = Instant::now();
-    let results = run_outer(&vmlinuz, &initramfs, opts.deadline, &mut *opts.progress)?;
+    let mut results: Vec<CheckResult> = Vec::new();
+    let mut retried = Vec::new();
+    for attempt in 1..=opts.attempts.max(1) {
+        let left: Vec<String> = checks
+            .iter()
+            .filter(|c| !results.iter().any(|r| &r.name == *c))
+            .cloned()
+            .collect();
+        let boot = Boot {
+            vmlinuz: &vmlinuz,
+            initramfs: &initramfs,
+            checks: &left,
+            cpus: opts.outer_cpus,
+            deadline: opts.deadline,
+        };
+        match run_outer(&boot, &mut *opts.progress) {
+            Ok(found) => {
+                results.extend(found);
+                break;
+            }
+            // An outer-kernel lockup is the emulator's, not a check's: a
+            // fresh outer VM runs what is left, the hung check included.
+            Err(BedError::OuterHung {
+                during,
+                tail,
+                finished,
+            }) if attempt < opts.attempts => {
+                let line = format!(
+                    "boot {attempt}: the outer kernel locked up{during} after {} finished check(s); last console line: {}",
+                    finished.len(),
+                    tail.lines().last().unwrap_or("")
+                );
+                (opts.progress)(&format!("{line}; booting a fresh outer VM for the rest"));
+                retried.push(line);
+                results.extend(finished);
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let run = start.elapsed();
     // A check the outer VM never reported is a failure, not a pass.
     let by_name: BTreeMap<_, _> = results.iter().map(|r| (r.name.clone(), r)).collect();
@@ -649,7 +812,12 @@ pub fn run(mut opts: Options) -> Result<Report, BedError> {
             )
         })
         .collect();
-    Ok(Report { checks, build, run })
+    Ok(Report {
+        checks,
+        build,
+        run,
+        retried,
+    })
 }
 
 #[cfg(test)]
@@ -672,6 +840,53 @@ mod tests {
         // An END for another check than the one begun is not a result.
         let (r, _) = parse_console("@@NESTED BEGIN a\n@@NESTED END b 0\n");
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn kernel_lines_and_the_running_check_are_told_apart() {
+        assert!(is_kernel_line(
+            "[   59.909216] rcu: INFO: rcu_preempt detected stalls"
+        ));
+        assert!(is_kernel_line("[1437.224251] watchdog: BUG: soft lockup"));
+        assert!(!is_kernel_line("test clone_clock_follows_the_host ... ok"));
+        assert!(!is_kernel_line("[ok] not a timestamp"));
+        assert!(!is_kernel_line("@@NESTED END a 0"));
+        let console = "@@NESTED BEGIN a\n@@NESTED END a 0\n@@NESTED BEGIN b\nx\n";
+        assert_eq!(running_check(console).as_deref(), Some("b"));
+        assert_eq!(running_check("@@NESTED BEGIN a\n@@NESTED END a 0\n"), None);
+    }
+
+    #[test]
+    fn a_lockup_report_followed_only_by_kernel_messages_is_a_hang() {
+        let grace = Duration::from_millis(50);
+        let long = Duration::from_secs(60);
+        // Lockup, then silence: hung once the grace has passed.
+        let (tx, rx) = mpsc::channel();
+        tx.send("@@NESTED BEGIN a".to_string()).unwrap();
+        tx.send("[  65.2] watchdog: BUG: soft lockup - CPU#1 stuck for 26s!".into())
+            .unwrap();
+        tx.send("[  85.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:".into())
+            .unwrap();
+        let (w, console) = watch_console(&rx, long, grace, &mut |_| {});
+        assert_eq!(w, Watch::Hung);
+        assert_eq!(running_check(&console).as_deref(), Some("a"));
+        drop(tx);
+        // A lockup report the checks outlive is no hang: QEMU ends normally.
+        let (tx, rx) = mpsc::channel();
+        for l in [
+            "[  59.9] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+            "test x ... ok",
+            "@@NESTED DONE",
+        ] {
+            tx.send(l.to_string()).unwrap();
+        }
+        drop(tx);
+        let (w, _) = watch_console(&rx, long, grace, &mut |_| {});
+        assert_eq!(w, Watch::Ended);
+        // No lockup and no end: the deadline.
+        let (_tx, rx) = mpsc::channel::<String>();
+        let (w, _) = watch_console(&rx, Duration::from_millis(20), long, &mut |_| {});
+        assert_eq!(w, Watch::Overran);
     }
 
     #[test]

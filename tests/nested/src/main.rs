@@ -34,6 +34,14 @@ enum Cmd {
         /// Seconds one check may run inside.
         #[arg(long, default_value_t = nested::DEFAULT_CHECK_TIMEOUT.as_secs())]
         check_timeout: u64,
+        /// Outer VM boots at most: when the outer kernel locks up (a fault of
+        /// the emulation below minivmm), a fresh outer VM runs the checks
+        /// left, the one it hung in included.
+        #[arg(long, default_value_t = nested::DEFAULT_ATTEMPTS)]
+        attempts: u32,
+        /// vCPUs of the outer VM.
+        #[arg(long, default_value_t = nested::DEFAULT_OUTER_CPUS)]
+        outer_cpus: u32,
     },
     /// List the checks.
     List,
@@ -61,10 +69,14 @@ fn real_main() -> Result<ExitCode> {
             checks,
             deadline,
             check_timeout,
+            attempts,
+            outer_cpus,
         } => {
             let mut opts = nested::Options::new(checks);
             opts.deadline = Duration::from_secs(deadline);
             opts.check_timeout = Duration::from_secs(check_timeout);
+            opts.attempts = attempts;
+            opts.outer_cpus = outer_cpus;
             let report = nested::run(opts)?;
             for c in &report.checks {
                 println!(
@@ -78,6 +90,9 @@ fn real_main() -> Result<ExitCode> {
                         println!("    {line}");
                     }
                 }
+            }
+            for r in &report.retried {
+                println!("retried: {r}");
             }
             println!(
                 "nested suite: build {:.0} s, outer VM {:.0} s",

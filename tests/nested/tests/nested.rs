@@ -9,7 +9,8 @@ fn nested_suite_passes_on_svm_inside_qemu() {
         Ok(report) => report,
         Err(e) => {
             if let nested::BedError::Deadline { finished, .. }
-            | nested::BedError::EndedEarly { finished, .. } = &e
+            | nested::BedError::EndedEarly { finished, .. }
+            | nested::BedError::OuterHung { finished, .. } = &e
             {
                 for c in finished {
                     eprintln!("nested: finished before: {} (status {})", c.name, c.status);
@@ -30,6 +31,9 @@ fn nested_suite_passes_on_svm_inside_qemu() {
             eprintln!("{}", c.output);
             failed.push(c.name.as_str());
         }
+    }
+    for r in &report.retried {
+        eprintln!("nested: retried: {r}");
     }
     eprintln!(
         "nested: build {:.0} s, outer VM {:.0} s",
